@@ -1,0 +1,43 @@
+# Everything a fresh machine needs: a virtual env with the project, Kafka's jars (via Maven).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install jars demo test test-unit bench-engine bench-replay broker-start broker-stop clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+jars: $(STAMP)
+	$(BIN)/agent-monitor broker fetch
+
+demo: jars
+	$(BIN)/agent-monitor demo
+
+test: jars
+	$(BIN)/python -m pytest -q
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not integration'
+
+bench-engine: $(STAMP)
+	$(BIN)/python bench/engine.py
+
+bench-replay: $(STAMP)
+	$(BIN)/python bench/replay.py
+
+broker-start: jars
+	$(BIN)/agent-monitor broker start
+
+broker-stop: $(STAMP)
+	$(BIN)/agent-monitor broker stop
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

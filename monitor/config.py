@@ -1,0 +1,77 @@
+"""Settings shared by the worker, the client, the CLI and replay: topic names and broker access.
+
+Every setting can come from a flag or an environment variable (``KAFKA_BOOTSTRAP_SERVERS``,
+``AGENT_MONITOR_*``).
+
+Example::
+
+    >>> from monitor.config import TopicNames
+    >>> TopicNames.for_prefix("agent").verdicts
+    'agent.verdicts'
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+DEFAULT_PREFIX = "agent"
+
+
+def env_bootstrap(default: str = DEFAULT_BOOTSTRAP) -> str:
+    return os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or default
+
+
+class TopicNames(BaseModel):
+    """The topics of one deployment; ``prefix`` keeps deployments (and tests) apart."""
+
+    prefix: str = DEFAULT_PREFIX
+    events: str
+    verdicts: str
+    alerts: str
+    deadletter: str
+    state: str = Field(description="the worker's compacted state changelog")
+
+    @classmethod
+    def for_prefix(cls, prefix: str = DEFAULT_PREFIX) -> "TopicNames":
+        return cls(
+            prefix=prefix,
+            events=f"{prefix}.events",
+            verdicts=f"{prefix}.verdicts",
+            alerts=f"{prefix}.alerts",
+            deadletter=f"{prefix}.deadletter",
+            state=f"{prefix}.monitor-state-changelog",
+        )
+
+
+class WorkerSettings(BaseModel):
+    """How a monitor worker runs. Flags of ``agent-monitor run`` map one to one."""
+
+    bootstrap_servers: str = Field(default_factory=env_bootstrap)
+    topic_prefix: str = Field(default_factory=lambda: os.environ.get("AGENT_MONITOR_PREFIX", DEFAULT_PREFIX))
+    group_id: str | None = Field(default=None, description="consumer group; default <prefix>-monitor")
+    policy_path: str
+    engine: Literal["incremental", "reference"] = "incremental"
+    partitions: int = Field(default=12, ge=1, description="partitions of the events topic")
+    budget_ms: float = Field(default=5000.0, gt=0, description="time budget of one batch check")
+    fail_closed: bool = Field(default=True, description="deny when the policy errors or overruns")
+    keep_denied: bool = Field(default=False, description="denied batches join the session's past")
+    max_record_bytes: int = Field(default=1_000_000, ge=1024)
+    verdict_memory: int = Field(default=64, ge=1, description="recent batch verdicts kept per session")
+    reference_max_history: int = Field(default=2000, ge=1)
+    store: str = Field(default="memory://", description="faust table store: memory:// or rocksdb://")
+    data_dir: str | None = None
+    metrics_port: int | None = Field(default=None, description="serve Prometheus /metrics here")
+    worker_id: str | None = None
+    log_level: str = "warning"
+
+    @property
+    def topics(self) -> TopicNames:
+        return TopicNames.for_prefix(self.topic_prefix)
+
+    @property
+    def group(self) -> str:
+        return self.group_id or f"{self.topic_prefix}-monitor"

@@ -1,0 +1,28 @@
+"""Policy engines behind one interface: the reference (invariant-ai) and the incremental one."""
+
+from __future__ import annotations
+
+from monitor.engine.base import CheckResult, Engine, EngineError, RuleInfo, SessionState
+from monitor.policy import LoadedPolicy
+
+ENGINES = ("incremental", "reference")
+
+
+def make_engine(policy: LoadedPolicy, kind: str = "incremental", **options) -> Engine:
+    """The engine for ``policy``: ``incremental`` (default; falls back per rule) or ``reference``."""
+    if kind == "reference":
+        from monitor.engine.reference import ReferenceEngine
+
+        return ReferenceEngine(policy, **options)
+    if kind == "incremental":
+        try:
+            from monitor.engine.incremental import IncrementalEngine
+        except ImportError:  # until the incremental engine lands
+            from monitor.engine.reference import ReferenceEngine
+
+            return ReferenceEngine(policy, **options)
+        return IncrementalEngine(policy, **options)
+    raise ValueError(f"unknown engine {kind!r}: expected one of {', '.join(ENGINES)}")
+
+
+__all__ = ["CheckResult", "Engine", "EngineError", "RuleInfo", "SessionState", "make_engine", "ENGINES"]

@@ -1,0 +1,97 @@
+"""The engine interface the worker and replay share: ``check(state, pending) -> result``.
+
+An engine is pure with respect to state: it reads a :class:`SessionState` and returns a
+:class:`CheckResult` describing the state after the batch; the caller decides whether to keep it
+(a denied batch does not join the past by default). State is split in a small ``head`` that is
+rewritten per batch and an append-only ``log`` of entries, so a store can persist one record per
+entry instead of rewriting a session's history on every event.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, Field
+
+from monitor.models import Match
+from monitor.policy import LoadedPolicy
+
+
+class SessionState(BaseModel):
+    """What an engine keeps between batches of one session (crosses the changelog as JSON)."""
+
+    engine: str = ""
+    length: int = Field(default=0, description="events in the session's trace so far")
+    head: dict[str, Any] = Field(default_factory=dict)
+    log_start: int = Field(default=0, description="number of the first entry still kept")
+    log: list[Any] = Field(default_factory=list, description="entries log_start, log_start+1, ...")
+
+
+class CheckResult(BaseModel):
+    """The matches of one batch and the state the session has if the batch is kept."""
+
+    matches: list[Match] = Field(default_factory=list)
+    head: dict[str, Any] = Field(default_factory=dict)
+    appended: list[Any] = Field(default_factory=list)
+    log_start: int = 0
+    pending_len: int = 0
+    engine: str = ""
+
+    def advance(self, state: SessionState) -> SessionState:
+        """The session state once this batch joins the past."""
+        log = state.log + self.appended
+        drop = max(0, self.log_start - state.log_start)
+        return SessionState(
+            engine=self.engine,
+            length=state.length + self.pending_len,
+            head=self.head,
+            log_start=max(self.log_start, state.log_start),
+            log=log[drop:],
+        )
+
+
+class RuleInfo(BaseModel):
+    """How one rule of a policy is evaluated (``agent-monitor policy explain``)."""
+
+    index: int
+    message: str
+    engine: str
+    reason: str = ""
+
+
+class EngineError(RuntimeError):
+    """The policy raised while it was evaluated; the batch fails closed."""
+
+
+class Engine(ABC):
+    """Evaluates one loaded policy batch by batch.
+
+    >>> import asyncio
+    >>> from monitor.policy import load_policy_text
+    >>> from monitor.engine import make_engine
+    >>> eng = make_engine(load_policy_text('raise "hi" if:\\n    (m: Message)\\n    "hi" in m.content\\n'),
+    ...                   "reference")
+    >>> r = asyncio.run(eng.check(eng.initial_state(), [{"role": "user", "content": "hi"}]))
+    >>> [m.addresses for m in r.matches]
+    [['messages.0', 'messages.0.content:0-2']]
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, policy: LoadedPolicy) -> None:
+        self.policy = policy
+
+    def initial_state(self) -> SessionState:
+        return SessionState(engine=self.name)
+
+    @abstractmethod
+    async def check(self, state: SessionState, pending: list[dict[str, Any]]) -> CheckResult:
+        """Evaluate ``pending`` after the session's past; must not block the event loop for long."""
+
+    @abstractmethod
+    def explain(self) -> list[RuleInfo]:
+        """Per rule, which engine evaluates it and why."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release threads or other resources."""

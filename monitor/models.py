@@ -1,0 +1,263 @@
+"""Wire models: everything that crosses Kafka or a file is one of these.
+
+JSON on the wire; the JSON Schemas under ``topics/schemas/`` are generated from these classes
+(``agent-monitor topics schemas``) and a test keeps them equal.
+
+Example::
+
+    >>> from monitor.models import EventBatch
+    >>> b = EventBatch(session_id="s1", batch_id="b1",
+    ...                events=[{"role": "user", "content": "hi"}])
+    >>> b.trace()
+    [{'role': 'user', 'content': 'hi'}]
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_serializer,
+)
+
+SCHEMA_VERSION = 1
+
+Decision = Literal["allow", "deny"]
+Severity = Literal["low", "medium", "high", "critical"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _Open(BaseModel):
+    """Events keep every field the agent sent: policies may read any of them."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class FunctionCall(_Open):
+    name: str = Field(min_length=1)
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+class ToolCall(_Open):
+    """A tool call, inside an assistant message or as an event of its own."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Open):
+    """An OpenAI-style chat message (user, assistant, system, developer or tool output)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def _event_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return "tool_call" if "function" in value and "role" not in value else "message"
+    if isinstance(value, ToolCall):
+        return "tool_call"
+    if isinstance(value, ChatMessage):
+        return "message"
+    return None
+
+
+Event = Annotated[
+    Union[Annotated[ChatMessage, Tag("message")], Annotated[ToolCall, Tag("tool_call")]],
+    Discriminator(_event_kind),
+]
+
+
+class BatchMetadata(_Open):
+    agent: str | None = None
+    tenant: str | None = None
+    user: str | None = None
+
+
+class EventBatch(BaseModel):
+    """One pending batch of events of one session; the record on ``agent.events``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    session_id: str = Field(min_length=1, max_length=512)
+    batch_id: str = Field(min_length=1, max_length=512, description="producer-chosen idempotency key")
+    seq: int | None = Field(default=None, ge=0, description="optional per-session order number")
+    events: list[Event] = Field(min_length=1)
+    policy: str | None = Field(default=None, description="optional policy id")
+    metadata: BatchMetadata = Field(default_factory=BatchMetadata)
+    produced_at: datetime = Field(default_factory=utcnow)
+
+    @field_serializer("events")
+    def _events_as_sent(self, events: list[Any]) -> list[dict[str, Any]]:
+        # unset optional fields stay absent: the policy sees what the agent sent
+        return [e.model_dump(mode="json", exclude_unset=True) for e in events]
+
+    def trace(self) -> list[dict[str, Any]]:
+        """The events exactly as the agent sent them, in Invariant's input format."""
+        return [e.model_dump(mode="json", exclude_unset=True) for e in self.events]
+
+
+class SourceRef(BaseModel):
+    """Where a record came from."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+_RISK = re.compile(r"\[(?:risk|severity)\s*=\s*(low|medium|high|critical)\]", re.I)
+
+
+def parse_severity(message: str, kwargs: dict[str, Any] | None = None,
+                   default: Severity = "high") -> Severity:
+    """``[risk=medium]`` in a rule's message (or a ``severity=`` argument) sets the severity.
+
+    >>> parse_severity("Vulnerability in python code [risk=medium]")
+    'medium'
+    """
+    for source in ((kwargs or {}).get("severity"), (kwargs or {}).get("risk")):
+        if isinstance(source, str) and source.lower() in ("low", "medium", "high", "critical"):
+            return source.lower()  # type: ignore[return-value]
+    m = _RISK.search(message)
+    return m.group(1).lower() if m else default  # type: ignore[return-value]
+
+
+class Match(BaseModel):
+    """One rule match as an engine reports it, before it is tied to a session."""
+
+    rule_index: int
+    message: str
+    key: str = Field(description="invariant-ai's stable error key, e.g. '(0, (2, 5))'")
+    addresses: list[str] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+def make_alert_id(session_id: str, policy_sha256: str, key: str) -> str:
+    """Deterministic: the same violation of the same session and policy always has the same id."""
+    raw = f"{session_id}\x00{policy_sha256}\x00{key}".encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+class Violation(BaseModel):
+    """A violated rule: its message, severity and the addresses of the violating parts.
+
+    Addresses count over the session's whole trace (``messages.3.content:12-40``).
+    """
+
+    alert_id: str
+    rule_index: int
+    message: str
+    severity: Severity = "high"
+    addresses: list[str] = Field(default_factory=list)
+    key: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_match(cls, match: Match, session_id: str, policy_sha256: str) -> "Violation":
+        return cls(
+            alert_id=make_alert_id(session_id, policy_sha256, match.key),
+            rule_index=match.rule_index,
+            message=match.message,
+            severity=parse_severity(match.message, match.kwargs),
+            addresses=list(match.addresses),
+            key=match.key,
+            kwargs=dict(match.kwargs),
+        )
+
+
+class Verdict(BaseModel):
+    """Exactly one per batch, on ``agent.verdicts``, keyed by session id."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    session_id: str
+    batch_id: str
+    seq: int | None = None
+    decision: Decision
+    violations: list[Violation] = Field(default_factory=list)
+    reason: str | None = Field(default=None, description="why, when the deny is not a rule match")
+    policy_id: str | None = None
+    policy_sha256: str | None = None
+    engine: str | None = None
+    evaluated_at: datetime = Field(default_factory=utcnow)
+    eval_ms: float = 0.0
+    source: SourceRef | None = None
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision == "allow"
+
+
+class Alert(Violation):
+    """One per violation, on ``agent.alerts``; ``alert_id`` recognises duplicates."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    session_id: str
+    batch_id: str
+    decision: Decision
+    policy_id: str | None = None
+    policy_sha256: str | None = None
+    raised_at: datetime = Field(default_factory=utcnow)
+    source: SourceRef | None = None
+
+    @classmethod
+    def from_violation(cls, v: Violation, verdict: Verdict) -> "Alert":
+        return cls(
+            **v.model_dump(),
+            session_id=verdict.session_id,
+            batch_id=verdict.batch_id,
+            decision=verdict.decision,
+            policy_id=verdict.policy_id,
+            policy_sha256=verdict.policy_sha256,
+            raised_at=verdict.evaluated_at,
+            source=verdict.source,
+        )
+
+
+DeadLetterKind = Literal["not_json", "invalid", "too_large", "out_of_order", "internal"]
+
+
+class DeadLetter(BaseModel):
+    """A record the worker could not take, with what a person needs to act on it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: DeadLetterKind
+    reason: str
+    source: SourceRef
+    key: str | None = None
+    value_b64: str = Field(description="the original record value, base64")
+    size: int
+    session_id: str | None = None
+    batch_id: str | None = None
+    failed_at: datetime = Field(default_factory=utcnow)
+
+    @staticmethod
+    def encode(raw: bytes | None) -> str:
+        return base64.b64encode(raw or b"").decode()
+
+    def original(self) -> bytes:
+        return base64.b64decode(self.value_b64)
+
+
+WIRE_MODELS: dict[str, type[BaseModel]] = {
+    "EventBatch": EventBatch,
+    "Verdict": Verdict,
+    "Alert": Alert,
+    "DeadLetter": DeadLetter,
+}

@@ -1,0 +1,127 @@
+"""Loading monitor policies from files: text, id, sha256, and errors a person can act on.
+
+A policy is one Invariant policy file or a folder of them (``*.gr``, ``*.iv``, ``*.policy``,
+read in name order). Policies are code: load only files the operator controls.
+
+Example::
+
+    >>> from monitor.policy import load_policy_text
+    >>> p = load_policy_text('raise "hi" if:\\n    (m: Message)\\n    "hi" in m.content\\n')
+    >>> len(p.sha256)
+    64
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+POLICY_SUFFIXES = (".gr", ".iv", ".policy", ".inv")
+
+# Importing invariant-ai is slow (~1 s); do it once, on first use.
+os.environ.setdefault("LOCAL_POLICY", "1")
+
+
+class PolicyLoadError(ValueError):
+    """A policy file is missing, unreadable or does not parse; the message names file and line."""
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
+
+
+@dataclass
+class LoadedPolicy:
+    """A parsed, validated policy and what identifies it on the wire."""
+
+    text: str
+    policy_id: str
+    sha256: str
+    sources: list[str] = field(default_factory=list)
+    _local: object | None = field(default=None, repr=False)
+
+    @property
+    def local(self):  # -> invariant.analyzer.policy.LocalPolicy
+        """invariant-ai's local evaluator for this policy (parsed once, then reused)."""
+        if self._local is None:
+            self._local = _parse(self.text, self.sources[0] if len(self.sources) == 1 else None)
+        return self._local
+
+
+_LINE = re.compile(r"at line (\d+) col")
+_FILE_LINE = re.compile(r"^File [^\n]*:(\d+)$", re.M)
+
+
+def _parse(text: str, path: str | None):
+    from invariant.analyzer.policy import LocalPolicy
+    from invariant.analyzer.stdlib.invariant.errors import PolicyLoadingError
+
+    where = path or "<policy>"
+    try:
+        return LocalPolicy.from_string(text, path=path)
+    except PolicyLoadingError as exc:
+        errors = getattr(exc, "errors", None) or []
+        detail = str(exc).split("The following errors were found:", 1)[-1].strip()
+        m = _LINE.search(detail) or _FILE_LINE.search(detail)
+        line = int(m.group(1)) if m else None
+        raise PolicyLoadError(
+            f"{where}{f':{line}' if line else ''}: the policy does not parse:\n{detail}", path, line
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - the parser raises many kinds; name them all
+        raise PolicyLoadError(f"{where}: the policy could not be loaded: {type(exc).__name__}: {exc}",
+                              path) from None
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_policy_text(text: str, policy_id: str = "inline", source: str | None = None) -> LoadedPolicy:
+    """Parse policy text now, so that a bad policy is refused before anything runs."""
+    policy = LoadedPolicy(text=text, policy_id=policy_id, sha256=sha256_text(text),
+                          sources=[source] if source else [])
+    policy._local = _parse(text, source)
+    return policy
+
+
+def policy_files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if not p.exists():
+        raise PolicyLoadError(f"{p}: no such policy file or folder", str(p))
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in POLICY_SUFFIXES and f.is_file())
+        if not files:
+            raise PolicyLoadError(
+                f"{p}: the folder holds no policy files (expected {', '.join(POLICY_SUFFIXES)})", str(p)
+            )
+        return files
+    return [p]
+
+
+def load_policy(path: str | Path, policy_id: str | None = None) -> LoadedPolicy:
+    """Load one policy file or a folder of them; each file is parsed on its own first so that an
+    error names the right file and line.
+
+    >>> load_policy("examples/policies/dataflow.gr").policy_id  # doctest: +SKIP
+    'dataflow'
+    """
+    files = policy_files(path)
+    texts = []
+    for f in files:
+        try:
+            text = f.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyLoadError(f"{f}: cannot read the policy: {exc}", str(f)) from None
+        _parse(text, str(f))
+        texts.append(text if text.endswith("\n") else text + "\n")
+    text = "\n".join(texts)
+    pid = policy_id or Path(path).stem
+    policy = LoadedPolicy(text=text, policy_id=pid, sha256=sha256_text(text),
+                          sources=[str(f) for f in files])
+    if len(files) == 1:
+        policy._local = _parse(text, str(files[0]))
+    return policy
