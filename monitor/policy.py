@@ -125,3 +125,49 @@ def load_policy(path: str | Path, policy_id: str | None = None) -> LoadedPolicy:
     if len(files) == 1:
         policy._local = _parse(text, str(files[0]))
     return policy
+
+
+@dataclass
+class PolicySet:
+    """The policies a worker serves: one per file, selected by a batch's ``policy`` id.
+
+    A batch without a ``policy`` id gets ``default``: the single file's policy, or every file of the
+    folder combined (the folder's name is its id).
+
+    >>> ps = PolicySet.single(load_policy_text('raise "x" if:\\n    (m: Message)\\n    "x" in m.content\\n',
+    ...                                         policy_id="x"))
+    >>> ps.resolve(None).policy_id, ps.resolve("x").policy_id
+    ('x', 'x')
+    """
+
+    default: LoadedPolicy
+    by_id: dict[str, LoadedPolicy] = field(default_factory=dict)
+
+    @classmethod
+    def single(cls, policy: LoadedPolicy) -> "PolicySet":
+        return cls(default=policy, by_id={policy.policy_id: policy})
+
+    def resolve(self, policy_id: str | None) -> LoadedPolicy:
+        """The policy for a batch; raises KeyError naming the known ids for an unknown one."""
+        if policy_id is None or policy_id == self.default.policy_id:
+            return self.default
+        try:
+            return self.by_id[policy_id]
+        except KeyError:
+            known = ", ".join(sorted({self.default.policy_id, *self.by_id})) or "none"
+            raise KeyError(f"unknown policy {policy_id!r} (this worker serves: {known})") from None
+
+    def all(self) -> list[LoadedPolicy]:
+        seen: dict[str, LoadedPolicy] = {self.default.policy_id: self.default}
+        seen.update(self.by_id)
+        return list(seen.values())
+
+
+def load_policy_set(path: str | Path) -> PolicySet:
+    """A file gives one policy; a folder gives one policy per file plus all of them combined."""
+    files = policy_files(path)
+    if Path(path).is_file():
+        return PolicySet.single(load_policy(path))
+    by_id = {f.stem: load_policy(f) for f in files}
+    combined = load_policy(path, policy_id=Path(path).name)
+    return PolicySet(default=combined, by_id=by_id)
