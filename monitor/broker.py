@@ -219,7 +219,7 @@ class LocalBroker:
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
             "group.initial.rebalance.delay.ms": "0",
-            "auto.create.topics.enable": "true",
+            "auto.create.topics.enable": "false",
             "log.retention.check.interval.ms": "30000",
             "log.cleaner.backoff.ms": "5000",
         }

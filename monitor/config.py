@@ -66,6 +66,7 @@ class WorkerSettings(BaseModel):
     data_dir: str | None = None
     metrics_port: int | None = Field(default=None, description="serve Prometheus /metrics here")
     worker_id: str | None = None
+    create_topics: bool = Field(default=True, description="provision missing topics at start")
     log_level: str = "warning"
 
     @property

@@ -1,0 +1,129 @@
+"""Session state in a key-value table, laid out so no write rewrites a session's history.
+
+Per session the table holds one small *head* record (per policy: the engine's small state and the
+bounds of its log; the ids of recent batches), one record per engine log entry, and one record per
+recent verdict. A batch writes its log entries and its verdict first and the head last: the head is
+the commit point, so after a crash between the writes the old head is still in charge and the
+redelivered batch is evaluated again on the same state, overwriting the same entry keys.
+
+Works on any ``MutableMapping``: a faust Table in the worker, a dict in replay and tests.
+
+Example::
+
+    >>> from monitor.state import SessionStore
+    >>> store = SessionStore({})
+    >>> head = store.head("s1")
+    >>> store.engine_state(head, "p", "incremental").log
+    []
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import MutableMapping
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from monitor.engine.base import SessionState
+
+_SEP = "\x1f"  # a unit separator cannot be typed into an id by accident; keeps keys unambiguous
+
+
+class PolicyCursor(BaseModel):
+    """Where one policy's engine state of a session stands."""
+
+    engine: str = ""
+    length: int = 0
+    head: dict[str, Any] = Field(default_factory=dict)
+    log_start: int = 0
+    log_end: int = 0
+
+
+class SessionHead(BaseModel):
+    """The per-session commit record."""
+
+    policies: dict[str, PolicyCursor] = Field(default_factory=dict)
+    recent: list[str] = Field(default_factory=list, description="recent batch ids, oldest first")
+    last_seq: int | None = None
+    batches: int = 0
+    updated_at: float = 0.0
+
+
+def head_key(session_id: str) -> str:
+    return f"h{_SEP}{session_id}"
+
+
+def entry_key(policy_id: str, session_id: str, n: int) -> str:
+    return f"e{_SEP}{session_id}{_SEP}{policy_id}{_SEP}{n}"
+
+
+def verdict_key(session_id: str, batch_id: str) -> str:
+    return f"v{_SEP}{session_id}{_SEP}{batch_id}"
+
+
+class SessionStore:
+    """Reads and commits session state and recent verdicts in a key-value table."""
+
+    def __init__(self, table: MutableMapping[str, Any], verdict_memory: int = 64) -> None:
+        self.table = table
+        self.verdict_memory = verdict_memory
+
+    def head(self, session_id: str) -> SessionHead:
+        raw = self.table.get(head_key(session_id))
+        return SessionHead.model_validate(raw) if raw else SessionHead()
+
+    def known_verdict(self, head: SessionHead, session_id: str, batch_id: str) -> dict[str, Any] | None:
+        """The verdict this batch already got, if it is among the remembered recent batches."""
+        if batch_id not in head.recent:
+            return None
+        return self.table.get(verdict_key(session_id, batch_id))
+
+    def engine_state(self, head: SessionHead, policy_id: str, engine: str,
+                     session_id: str | None = None) -> SessionState:
+        cur = head.policies.get(policy_id)
+        if cur is None or (cur.engine and cur.engine != engine):
+            # no state yet, or a worker that ran another engine wrote it: start from an empty past
+            # but keep counting events so addresses stay right
+            return SessionState(engine=engine, length=cur.length if cur else 0)
+        assert session_id is not None or cur.log_end == cur.log_start
+        log = [self.table[entry_key(policy_id, session_id or "", n)]
+               for n in range(cur.log_start, cur.log_end)]
+        return SessionState(engine=engine, length=cur.length, head=cur.head,
+                            log_start=cur.log_start, log=log)
+
+    def commit(self, session_id: str, head: SessionHead, batch_id: str, verdict: dict[str, Any],
+               seq: int | None = None, policy_id: str | None = None,
+               new_state: SessionState | None = None, appended: list[Any] | None = None) -> SessionHead:
+        """Record a batch's verdict and, when it joins the past, its state; the head goes last."""
+        policies = dict(head.policies)
+        if policy_id is not None and new_state is not None:
+            before = policies.get(policy_id)
+            if before is None or (before.engine and before.engine != new_state.engine):
+                before = PolicyCursor(engine=new_state.engine, log_start=new_state.log_start,
+                                      log_end=new_state.log_start)
+            end = before.log_end
+            for entry in appended or []:
+                self.table[entry_key(policy_id, session_id, end)] = entry
+                end += 1
+            for n in range(before.log_start, min(new_state.log_start, end)):
+                self.table.pop(entry_key(policy_id, session_id, n), None)
+            policies[policy_id] = PolicyCursor(
+                engine=new_state.engine, length=new_state.length, head=new_state.head,
+                log_start=max(new_state.log_start, before.log_start), log_end=end,
+            )
+        self.table[verdict_key(session_id, batch_id)] = verdict
+        recent = [b for b in head.recent if b != batch_id] + [batch_id]
+        forgotten, recent = recent[: -self.verdict_memory], recent[-self.verdict_memory:]
+        new_head = SessionHead(
+            policies=policies,
+            recent=recent,
+            last_seq=seq if head.last_seq is None or (seq is not None and seq > head.last_seq)
+            else head.last_seq,
+            batches=head.batches + 1,
+            updated_at=time.time(),
+        )
+        self.table[head_key(session_id)] = new_head.model_dump()
+        for old in forgotten:  # after the head: a crash leaves a stray record, never a missing one
+            self.table.pop(verdict_key(session_id, old), None)
+        return new_head

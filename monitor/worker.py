@@ -1,0 +1,311 @@
+"""The monitor worker: a faust-streaming app, partitioned by session.
+
+It consumes ``<prefix>.events``; for each record it
+
+1. rejects what is not a valid :class:`~monitor.models.EventBatch` to ``<prefix>.deadletter`` with a
+   reason (and, when its session and batch ids can be read, still gives the agent a ``deny``);
+2. repeats the earlier verdict of a redelivered ``batch_id``;
+3. runs the session's policy on (past, pending) within a time budget, failing closed;
+4. publishes exactly one :class:`~monitor.models.Verdict` and one :class:`~monitor.models.Alert` per
+   violation, and commits the session state (an allowed batch joins the past).
+
+One agent with concurrency 1 keeps per-session order (faust #606: higher concurrency can commit
+past a record still in flight). Offsets are committed only after the producer flushed the
+verdicts and state writes (faust flushes before it commits), so a crash redelivers, never loses.
+
+Run it with ``agent-monitor run --policy FILE|DIR`` or::
+
+    from monitor.config import WorkerSettings
+    from monitor.worker import run_worker
+    run_worker(WorkerSettings(policy_path="examples/policies"))   # blocks until SIGTERM
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from monitor.config import WorkerSettings
+from monitor.engine import Engine, EngineError, make_engine
+from monitor.models import (
+    Alert,
+    DeadLetter,
+    EventBatch,
+    SourceRef,
+    Verdict,
+    Violation,
+)
+from monitor.policy import LoadedPolicy, PolicySet, load_policy_set
+from monitor.state import SessionStore
+
+log = logging.getLogger("agent_monitor.worker")
+
+READY_LINE = "agent-monitor worker ready"
+
+
+class Rejected(Exception):
+    """A record that is not a valid EventBatch; carries what the dead letter needs."""
+
+    def __init__(self, kind: str, reason: str, session_id: str | None = None,
+                 batch_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.session_id = session_id
+        self.batch_id = batch_id
+
+
+def _short_validation(exc: ValidationError, limit: int = 5) -> str:
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in err["loc"]) or "record"
+        parts.append(f"{loc}: {err['msg']}")
+    more = len(exc.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int) -> EventBatch:
+    """Parse a record into an EventBatch or raise :class:`Rejected` with a reason a person can act on."""
+    key_text = key.decode("utf-8", "replace") if key else None
+    if value is None:
+        raise Rejected("invalid", "the record has no value (a tombstone?)", key_text)
+    if len(value) > max_bytes:
+        raise Rejected("too_large", f"the record is {len(value)} bytes, over the limit of {max_bytes}",
+                       key_text)
+    try:
+        data = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Rejected("not_json", f"the record value is not JSON: {exc}", key_text) from None
+    sid = data.get("session_id") if isinstance(data, dict) else None
+    bid = data.get("batch_id") if isinstance(data, dict) else None
+    sid = sid if isinstance(sid, str) and sid else key_text
+    bid = bid if isinstance(bid, str) and bid else None
+    if not isinstance(data, dict):
+        raise Rejected("invalid", f"an EventBatch is a JSON object, not {type(data).__name__}", sid, bid)
+    try:
+        batch = EventBatch.model_validate(data)
+    except ValidationError as exc:
+        raise Rejected("invalid", f"not a valid EventBatch: {_short_validation(exc)}", sid, bid) from None
+    if key_text is not None and key_text != batch.session_id:
+        raise Rejected("invalid", f"the record key {key_text!r} is not its session_id "
+                       f"{batch.session_id!r}: a session must stay on one partition", sid, bid)
+    return batch
+
+
+class Evaluator:
+    """The engine side of the worker, free of Kafka: also what tests and replay can drive."""
+
+    def __init__(self, policies: PolicySet, settings: WorkerSettings) -> None:
+        self.policies = policies
+        self.settings = settings
+        opts = {"max_history": settings.reference_max_history} if settings.engine == "reference" else {}
+        self.engines: dict[str, Engine] = {
+            p.policy_id: make_engine(p, settings.engine, **opts) for p in policies.all()
+        }
+
+    async def evaluate(self, store: SessionStore, batch: EventBatch,
+                       source: SourceRef | None) -> tuple[Verdict, bool]:
+        """The verdict for a batch, and whether it was new (False: a repeat of a known batch)."""
+        head = store.head(batch.session_id)
+        known = store.known_verdict(head, batch.session_id, batch.batch_id)
+        if known is not None:
+            return Verdict.model_validate(known), False
+        started = time.perf_counter()
+        verdict_fields: dict[str, Any] = {"session_id": batch.session_id, "batch_id": batch.batch_id,
+                                          "seq": batch.seq, "source": source}
+        try:
+            policy: LoadedPolicy = self.policies.resolve(batch.policy)
+        except KeyError as exc:
+            verdict = Verdict(decision="deny", reason=str(exc.args[0]), policy_id=batch.policy,
+                              **verdict_fields)
+            store.commit(batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"),
+                         seq=batch.seq)
+            return verdict, True
+        engine = self.engines[policy.policy_id]
+        verdict_fields.update(policy_id=policy.policy_id, policy_sha256=policy.sha256, engine=engine.name)
+
+        if batch.seq is not None and head.last_seq is not None and batch.seq <= head.last_seq:
+            verdict = Verdict(decision="deny", reason=(
+                f"out of order: seq {batch.seq} arrived after seq {head.last_seq} of this session"),
+                **verdict_fields)
+            store.commit(batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"))
+            return verdict, True
+
+        state = store.engine_state(head, policy.policy_id, engine.name, batch.session_id)
+        pending = batch.trace()
+        result = None
+        reason = None
+        try:
+            result = await asyncio.wait_for(engine.check(state, pending),
+                                            self.settings.budget_ms / 1000.0)
+        except asyncio.TimeoutError:
+            reason = f"the policy check exceeded its time budget of {self.settings.budget_ms:g} ms"
+        except EngineError as exc:
+            reason = f"the policy raised an error: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any failure of a check fails closed
+            log.exception("policy check failed")
+            reason = f"the policy check failed: {type(exc).__name__}: {exc}"
+        eval_ms = (time.perf_counter() - started) * 1000.0
+
+        if result is None:
+            decision = "deny" if self.settings.fail_closed else "allow"
+            verdict = Verdict(decision=decision, reason=reason, eval_ms=eval_ms, **verdict_fields)
+            store.commit(batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"),
+                         seq=batch.seq)
+            return verdict, True
+
+        violations = [Violation.from_match(m, batch.session_id, policy.sha256) for m in result.matches]
+        decision = "deny" if violations else "allow"
+        verdict = Verdict(decision=decision, violations=violations, eval_ms=eval_ms, **verdict_fields)
+        joins = decision == "allow" or self.settings.keep_denied
+        store.commit(
+            batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"), seq=batch.seq,
+            policy_id=policy.policy_id if joins else None,
+            new_state=result.advance(state) if joins else None,
+            appended=result.appended if joins else None,
+        )
+        return verdict, True
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def build_app(settings: WorkerSettings, policies: PolicySet):
+    """The faust app, its agent and table. Returned so tests can inspect it."""
+    import faust
+
+    topics = settings.topics
+    n = settings.partitions
+    datadir = settings.data_dir or os.path.join(
+        os.path.expanduser("~/.cache/agent-monitor/worker"),
+        f"{settings.group}-{settings.worker_id or os.getpid()}")
+    os.makedirs(datadir, exist_ok=True)
+    app = faust.App(
+        settings.group,
+        broker=[f"kafka://{b.strip()}" for b in settings.bootstrap_servers.split(",")],
+        store=settings.store,
+        datadir=datadir,
+        topic_partitions=n,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_every=100,
+        broker_commit_interval=0.5,
+        table_standby_replicas=0,
+        web_enabled=False,
+        producer_acks=-1,
+        producer_max_request_size=max(settings.max_record_bytes + 65536, 1_048_576),
+        consumer_max_fetch_size=max(settings.max_record_bytes + 65536, 4 * 1024 * 1024),
+        stream_wait_empty=False,
+        broker_session_timeout=15,
+        broker_heartbeat_interval=3,
+        broker_rebalance_timeout=30,
+    )
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    events = app.topic(topics.events, partitions=n, **raw)
+    verdicts = app.topic(topics.verdicts, **raw)
+    alerts = app.topic(topics.alerts, **raw)
+    deadletter = app.topic(topics.deadletter, **raw)
+    schema = faust.Schema(key_type=str, value_type=None, key_serializer="json", value_serializer="json")
+    changelog = app.topic(topics.state, schema=schema, partitions=n, compacting=True, deleting=False,
+                          internal=True, acks=False, maxsize=131_072, allow_empty=True)
+    table = app.Table("sessions", default=None, partitions=n, changelog_topic=changelog, schema=schema)
+
+    evaluator = Evaluator(policies, settings)
+    store = SessionStore(table, verdict_memory=settings.verdict_memory)
+    metrics = _metrics(settings)
+
+    async def publish(verdict: Verdict) -> None:
+        key = verdict.session_id.encode()
+        await verdicts.send(key=key, value=verdict.model_dump_json().encode())
+        for v in verdict.violations:
+            alert = Alert.from_violation(v, verdict)
+            await alerts.send(key=key, value=alert.model_dump_json().encode())
+
+    @app.agent(events, concurrency=1)
+    async def process(stream):
+        async for event in stream.events():
+            msg = event.message
+            source = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+            try:
+                batch = decode_batch(msg.key, msg.value, settings.max_record_bytes)
+            except Rejected as rej:
+                dl = DeadLetter(kind=rej.kind, reason=rej.reason, source=source,
+                                key=msg.key.decode("utf-8", "replace") if msg.key else None,
+                                value_b64=DeadLetter.encode(msg.value), size=len(msg.value or b""),
+                                session_id=rej.session_id, batch_id=rej.batch_id)
+                await deadletter.send(key=msg.key, value=dl.model_dump_json().encode())
+                if metrics:
+                    metrics.dead_letter(rej.kind)
+                if rej.session_id and rej.batch_id:
+                    verdict = Verdict(session_id=rej.session_id, batch_id=rej.batch_id, decision="deny",
+                                      reason=f"rejected record ({rej.kind}): {rej.reason}", source=source)
+                    await publish(verdict)
+                continue
+            verdict, new = await evaluator.evaluate(store, batch, source)
+            await publish(verdict)
+            if metrics and new:
+                metrics.observe_verdict(verdict, verdict.eval_ms / 1000.0)
+
+    announced: dict[str, int] = {"generation": -1}
+
+    @app.on_rebalance_complete.connect
+    async def _ready(sender, **kwargs) -> None:  # noqa: ARG001 - faust signal signature
+        assigned = app.assignor.assigned_actives()
+        mine = sorted(tp.partition for tp in assigned if tp.topic == topics.events)
+        # recovery of table state finishes after the rebalance; announce once it is done
+        asyncio.ensure_future(_announce(mine))
+
+    async def _announce(mine: list[int]) -> None:
+        try:
+            await asyncio.wait_for(app.tables.recovery.completed.wait(), timeout=300)
+        except asyncio.TimeoutError:
+            log.error("table recovery did not complete within 300 s")
+            return
+        sys.__stdout__.write(f"{READY_LINE} worker={settings.worker_id or os.getpid()} partitions={len(mine)} "
+              f"assigned={','.join(map(str, mine))}\n")
+        sys.__stdout__.flush()
+
+    app.monitor_evaluator = evaluator  # type: ignore[attr-defined]
+    return app
+
+
+def _metrics(settings: WorkerSettings):
+    if settings.metrics_port is None:
+        return None
+    try:
+        from monitor.metrics import WorkerMetrics, serve_metrics
+    except ImportError:
+        return None
+    metrics = WorkerMetrics()
+    serve_metrics(metrics.registry, settings.metrics_port,
+                  token=os.environ.get("AGENT_MONITOR_METRICS_TOKEN"))
+    return metrics
+
+
+def run_worker(settings: WorkerSettings) -> None:
+    """Load the policy (refusing a bad one), build the app and run it until SIGTERM/SIGINT."""
+    import faust
+
+    policies = load_policy_set(settings.policy_path)
+    if settings.create_topics:
+        from monitor.topics import create_topics
+
+        # idempotent: a worker started before `topics create` still gets 12-partition topics
+        create_topics(settings.bootstrap_servers, settings.topic_prefix,
+                      partitions_override=settings.partitions)
+    app = build_app(settings, policies)
+    level = settings.log_level.upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = faust.Worker(app, loglevel=level, quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        app.monitor_evaluator.close()
