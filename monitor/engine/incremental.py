@@ -1,0 +1,388 @@
+"""The incremental engine: per-batch work proportional to the batch and the candidates still alive.
+
+Each compiled rule (see :mod:`monitor.engine.compiler`) is matched like a small CEP automaton:
+
+- every pending event (and every tool call nested in a pending message) is tried once per rule
+  variable of its type; the variable's own conditions are evaluated there and then, by
+  invariant-ai's interpreter (detector results included), and the outcome is kept as a
+  *candidate*: trace index, flow position, the ranges its conditions marked, and the event itself
+  only when a condition joining several variables or the raise expression will need it;
+- assignments binding at least one pending element are enumerated from the kept candidates and
+  the new ones, pruned by the flow constraints (``a -> b``: a comes earlier in invariant's flow
+  order; ``a ~> b``: a directly precedes b), and only then are join conditions evaluated;
+- the session state keeps only what a rule can still need: nothing for a variable every other
+  variable must precede, the last few positions for a ``~>`` source, all candidates otherwise.
+
+Rules that do not compile run on invariant-ai itself over a bounded window of raw events kept in
+the same log (entries are tagged: ``"c"`` candidate, ``"e"`` raw event).
+
+Example::
+
+    >>> import asyncio
+    >>> from monitor.policy import load_policy_text
+    >>> from monitor.engine.incremental import IncrementalEngine
+    >>> eng = IncrementalEngine(load_policy_text(
+    ...     'raise "no" if:\\n    (m: Message) -> (t: ToolCall)\\n    "send" in m.content\\n'
+    ...     '    t is tool:send_email\\n'))
+    >>> s = eng.initial_state()
+    >>> r = asyncio.run(eng.check(s, [{"role": "user", "content": "send it"}]))
+    >>> r.matches, len(r.appended)
+    ([], 1)
+    >>> s = r.advance(s)
+    >>> r = asyncio.run(eng.check(s, [{"type": "function", "id": "1",
+    ...     "function": {"name": "send_email", "arguments": {}}}]))
+    >>> [(m.key, m.addresses) for m in r.matches]
+    [('(0, (0, 1))', ['messages.0', 'messages.0.content:0-4', 'messages.1'])]
+"""
+
+from __future__ import annotations
+
+import ast as pyast
+import copy
+from typing import Any
+
+from monitor.engine.base import CheckResult, Engine, EngineError, RuleInfo, SessionState
+from monitor.engine.compiler import ARROW, DECL, JOIN, OWN, CompiledRule, RulePlan, compile_policy
+from monitor.engine.evaluator import (
+    FALSE,
+    OTHER,
+    RAISE,
+    TRUE,
+    DirectContext,
+    Element,
+    EventIndex,
+    evaluate,
+    evaluate_value,
+    flatten,
+    object_place,
+    parse_batch,
+    prepared_events,
+)
+from monitor.engine.reference import DEFAULT_MAX_HISTORY, _jsonable, _LoopThread, shift_address
+from monitor.models import Match
+from monitor.policy import LoadedPolicy
+
+STATE_VERSION = 1
+
+
+class _Cand:
+    """A candidate during one check: its stored record plus, while in memory, its element."""
+
+    __slots__ = ("rec", "el", "new")
+
+    def __init__(self, rec: dict[str, Any], el: Element | None, new: bool) -> None:
+        self.rec = rec
+        self.el = el
+        self.new = new
+
+
+class IncrementalEngine(Engine):
+    """Compiled rules matched incrementally; rules that do not compile run on invariant-ai over the
+    last ``max_history`` events. Verdicts, messages, keys and addresses equal the reference's."""
+
+    name = "incremental"
+
+    def __init__(self, policy: LoadedPolicy, max_history: int = DEFAULT_MAX_HISTORY,
+                 offload: bool = True) -> None:
+        super().__init__(policy)
+        self.local = policy.local
+        self.max_history = max_history
+        self.plans: list[RulePlan] = compile_policy(self.local)
+        self.compiled: list[CompiledRule] = [p.compiled for p in self.plans if p.compiled]
+        self.fallback: list[int] = [p.index for p in self.plans if p.compiled is None]
+        self._ctx = DirectContext(self.local.rule_set.symbol_table)
+        self._sub = None
+        self._thread = None
+        if self.fallback:
+            from invariant.analyzer.runtime.rule import RuleSet
+
+            sub = copy.copy(self.local)
+            sub.rule_set = RuleSet([self.local.rule_set.rules[i] for i in self.fallback],
+                                   symbol_table=self.local.rule_set.symbol_table, cached=False)
+            sub.cached = False
+            self._sub = sub
+            self._thread = _LoopThread("incremental-fallback") if offload else None
+
+    # -- public API ------------------------------------------------------------------------
+
+    def explain(self) -> list[RuleInfo]:
+        """Per rule: ``incremental`` with what its state keeps, or ``reference`` and why.
+
+        >>> from monitor.policy import load_policy_text
+        >>> eng = IncrementalEngine(load_policy_text('raise "x" if:\\n    (m: Message)\\n'
+        ...     '    count(min=2):\\n        (t: ToolCall)\\n'))
+        >>> [(i.engine, i.reason.split(" (")[0]) for i in eng.explain()]
+        [('reference', 'a quantifier')]
+        """
+        out = []
+        for p in self.plans:
+            if p.compiled is not None:
+                out.append(RuleInfo(index=p.index, message=p.message, engine="incremental",
+                                    reason=p.reason))
+            else:
+                out.append(RuleInfo(
+                    index=p.index, message=p.message, engine="reference",
+                    reason=f"{p.reason}; runs on invariant-ai over the last {self.max_history} events"))
+        return out
+
+    async def check(self, state: SessionState, pending: list[dict[str, Any]]) -> CheckResult:
+        """Evaluate ``pending`` after the session's past (see the module docstring)."""
+        head = state.head if state.head.get("v") == STATE_VERSION else self._fresh_head()
+        length = state.length
+        try:
+            parsed, last_call = parse_batch(pending, length, head.get("lc"))
+        except Exception as exc:  # noqa: BLE001 - the reference fails the same way
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+        elements = flatten(parsed, head["flat"])
+        raw_prepared = prepared_events(pending, head.get("lc")) if self._needs_raw() else None
+
+        # what the log holds, by rule and variable (candidates) and raw events for fallback rules
+        old: dict[tuple[int, int], list[dict]] = {}
+        raw_entries: list[tuple[int, dict]] = []
+        for pos, entry in enumerate(state.log):
+            t = entry.get("t")
+            if t == "c":
+                old.setdefault((entry["r"], entry["v"]), []).append(entry)
+            elif t == "e":
+                raw_entries.append((pos, entry))
+
+        matches: list[Match] = []
+        appended: list[dict] = []
+        new_tail: dict[str, dict[str, list]] = {}
+        flat_end = head["flat"] + len(elements)
+        index = EventIndex()
+        for el in elements:
+            index.add(el.event, el.trace_idx)
+
+        for rule in self.compiled:
+            if rule.never:
+                continue
+            rule_matches, new_recs = await self._match_rule(
+                rule, elements, raw_prepared, old, head, index)
+            matches.extend(rule_matches)
+            tails = head["tail"].get(str(rule.index), {})
+            for v, keep in enumerate(rule.keep):
+                if keep is None:
+                    for rec in new_recs[v]:
+                        appended.append({"t": "c", "r": rule.index, "v": v, **rec})
+                elif keep > 0:
+                    kept = [r for r in tails.get(str(v), []) + new_recs[v]
+                            if r["f"] >= flat_end - keep]
+                    if kept:
+                        new_tail.setdefault(str(rule.index), {})[str(v)] = kept
+
+        log_start = state.log_start
+        if self.fallback:
+            matches.extend(await self._run_fallback(raw_entries, length, pending))
+            appended.extend({"t": "e", "i": length + k, "e": e} for k, e in enumerate(pending))
+            # drop raw events that left the window, keeping the candidates that sat among them
+            total = length + len(pending)
+            stale = [(pos, e) for pos, e in raw_entries if e["i"] < total - self.max_history]
+            if len(stale) > max(self.max_history, 64):
+                cut = stale[-1][0] + 1
+                carried = [e for e in state.log[:cut] if e.get("t") == "c"]
+                appended = carried + appended
+                log_start = state.log_start + cut
+
+        new_head = {"v": STATE_VERSION, "flat": flat_end, "lc": last_call, "tail": new_tail}
+        return CheckResult(matches=matches, head=new_head, appended=appended, log_start=log_start,
+                           pending_len=len(pending), engine=self.name)
+
+    def close(self) -> None:
+        if self._thread:
+            self._thread.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _fresh_head() -> dict[str, Any]:
+        return {"v": STATE_VERSION, "flat": 0, "lc": None, "tail": {}}
+
+    def _needs_raw(self) -> bool:
+        return any(r.needs_object for r in self.compiled)
+
+    async def _own_record(self, rule: CompiledRule, v: int, el: Element, index: EventIndex,
+                          raw: list[dict] | None) -> dict[str, Any]:
+        """Evaluate variable ``v``'s own conditions on ``el``, in body order, once."""
+        rec: dict[str, Any] = {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": []}
+        store = {rule.vars[v].decl: el.obj}
+        for cond in rule.own_conds(v):
+            out = await evaluate(cond.expr, store, rule.globals, self._ctx, index)
+            if out.status in (FALSE, RAISE):
+                rec["st"], rec["k"] = cond.pos, out.status
+                if out.error:
+                    rec["err"] = out.error
+                break
+            if out.status == OTHER:
+                rec["x"] = 1
+            rec["rg"].extend([i, s, cond.pos, k, p] for k, (i, s, p) in enumerate(out.marks))
+        if rec.get("k") != FALSE:
+            for i, s, p in object_place(el, index):
+                rec["rg"].append([i, s, len(rule.conds) + v, 0, p])
+            if v in rule.needs_object and raw is not None:
+                rec["ev"] = raw[el.raw_pos]
+        return rec
+
+    async def _match_rule(self, rule: CompiledRule, elements: list[Element],
+                          raw: list[dict] | None, old: dict, head: dict,
+                          index: EventIndex) -> tuple[list[Match], list[list[dict]]]:
+        nvars = len(rule.vars)
+        new: list[list[_Cand]] = [[] for _ in range(nvars)]
+        failed: list[list[_Cand]] = [[] for _ in range(nvars)]
+        for v, var in enumerate(rule.vars):
+            for el in elements:
+                if el.kind != var.type:
+                    continue
+                rec = await self._own_record(rule, v, el, index, raw)
+                (failed if rec.get("k") == FALSE else new)[v].append(_Cand(rec, el, True))
+        stored = [[] for _ in range(nvars)]
+        for v, keep in enumerate(rule.keep):
+            if keep is None:
+                stored[v] = [_Cand(r, None, False) for r in old.get((rule.index, v), [])]
+            elif keep > 0:
+                stored[v] = [_Cand(r, None, False)
+                             for r in head["tail"].get(str(rule.index), {}).get(str(v), [])]
+        new_recs = [[c.rec for c in new[v]] for v in range(nvars)]
+        if not any(new):
+            return [], new_recs
+
+        raising = any(c.rec.get("k") == RAISE for v in range(nvars) for c in new[v] + stored[v])
+        if raising:
+            # an own condition raises somewhere: walk every assignment in body order, without
+            # pruning, so the error surfaces exactly where invariant's evaluation would hit it
+            domains_new = [new[v] + failed[v] for v in range(nvars)]
+        else:
+            domains_new = new
+        matches: list[Match] = []
+        objects: dict[int, Any] = {}
+        arrows = [c for c in rule.conds if c.kind == ARROW]
+
+        def flow_ok(assign: list[_Cand | None]) -> bool:
+            for c in arrows:
+                a, b = assign[c.vars[0]], assign[c.vars[1]]
+                if a is None or b is None:
+                    continue
+                fa, fb = a.rec["f"], b.rec["f"]
+                if not (fa == fb - 1 if c.direct else fa < fb):
+                    return False
+            return True
+
+        async def visit(v: int, assign: list, any_new: bool) -> None:
+            if v == nvars:
+                if any_new:
+                    m = await self._walk(rule, assign, objects, index)
+                    if m is not None:
+                        matches.append(m)
+                return
+            last = v == nvars - 1
+            choices = domains_new[v] if (last and not any_new) else stored[v] + domains_new[v]
+            for cand in choices:
+                assign[v] = cand
+                if raising or flow_ok(assign):
+                    await visit(v + 1, assign, any_new or cand.new)
+            assign[v] = None
+
+        await visit(0, [None] * nvars, False)
+        return matches, new_recs
+
+    async def _object(self, rule: CompiledRule, v: int, cand: _Cand, objects: dict,
+                      index: EventIndex) -> Any:
+        if cand.el is not None:
+            return cand.el.obj
+        key = id(cand.rec)
+        if key not in objects:
+            rec = cand.rec
+            if "ev" not in rec:
+                raise EngineError(f"rule {rule.index}: a kept candidate lacks its event")
+            parsed, _ = parse_batch([rec["ev"]], rec["i"], None)
+            event = parsed[0]
+            index.add(event, rec["i"])
+            objects[key] = event if rec["j"] < 0 else event.tool_calls[rec["j"]]
+        return objects[key]
+
+    async def _walk(self, rule: CompiledRule, assign: list[_Cand], objects: dict,
+                    index: EventIndex) -> Match | None:
+        """invariant's short-circuited body for one assignment: a Match, None, or EngineError."""
+        other = False
+        extra: list[list] = []
+        for c in rule.conds:
+            if c.kind == DECL:
+                continue
+            if c.kind == ARROW:
+                fa, fb = assign[c.vars[0]].rec["f"], assign[c.vars[1]].rec["f"]
+                if not (fa == fb - 1 if c.direct else fa < fb):
+                    return None
+            elif c.kind == OWN:
+                rec = assign[c.vars[0]].rec
+                if rec.get("st") == c.pos:
+                    if rec["k"] == RAISE:
+                        raise EngineError(f"rule {rule.index}: {rec.get('err', 'error')}")
+                    return None
+            else:  # JOIN
+                store = {}
+                for v in c.vars:
+                    store[rule.vars[v].decl] = await self._object(rule, v, assign[v], objects, index)
+                out = await evaluate(c.expr, store, rule.globals, self._ctx, index)
+                if out.status == RAISE:
+                    raise EngineError(f"rule {rule.index}: {out.error}")
+                if out.status == FALSE:
+                    return None
+                other = other or out.status == OTHER
+                extra.extend([i, s, c.pos, k, p] for k, (i, s, p) in enumerate(out.marks))
+        if other or any(a.rec.get("x") for a in assign):
+            return None
+        ranges = [r for a in assign for r in a.rec["rg"]] + extra
+        ranges.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
+        idx_by_name = sorted(((var.name, assign[v].rec["i"]) for v, var in enumerate(rule.vars)),
+                             key=lambda x: x[0])
+        key = str((rule.index, tuple(i for _, i in idx_by_name)))
+        message, kwargs = rule.message, {}
+        if message is None:
+            store = {rule.vars[v].decl: await self._object(rule, v, a, objects, index)
+                     for v, a in enumerate(assign)}
+            message, kwargs = await self._raise_value(rule, store)
+            if message is None:
+                return None
+        return Match(rule_index=rule.index, message=message, key=key,
+                     addresses=["messages." + r[4] for r in ranges], kwargs=kwargs)
+
+    async def _raise_value(self, rule: CompiledRule, store: dict) -> tuple[str | None, dict]:
+        from invariant.analyzer.stdlib.invariant.errors import ErrorInformation
+
+        try:
+            exc = await evaluate_value(rule.raise_expr, store, rule.globals, self._ctx)
+        except Exception as err:  # noqa: BLE001 - the reference aborts the same way
+            raise EngineError(f"rule {rule.index}: {type(err).__name__}: {err}") from err
+        if isinstance(exc, ErrorInformation):
+            return " ".join(str(a) for a in exc.args), {k: _jsonable(v) for k, v in exc.kwargs.items()}
+        if exc is None:
+            return None, {}
+        return str(exc), {}
+
+    async def _run_fallback(self, raw_entries: list[tuple[int, dict]], length: int,
+                            pending: list[dict]) -> list[Match]:
+        window = sorted((e for _, e in raw_entries if e["i"] >= length - self.max_history),
+                        key=lambda e: e["i"])
+        offset = window[0]["i"] if window else length
+        past = [e["e"] for e in window]
+
+        async def run():
+            return await self._sub.a_analyze_pending(past, pending)
+
+        try:
+            result = await (self._thread.run(run()) if self._thread else run())
+        except Exception as exc:  # noqa: BLE001 - any policy failure fails the batch closed
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+        out = []
+        for err in result.errors:
+            try:
+                sub_rule, idx = pyast.literal_eval(str(err.key))
+                rule = self.fallback[sub_rule]
+                key = str((rule, tuple(i + offset if isinstance(i, int) and i >= 0 else i
+                                       for i in idx)))
+            except (ValueError, SyntaxError, TypeError, IndexError):
+                rule, key = -1, str(err.key)
+            out.append(Match(rule_index=rule, message=" ".join(str(a) for a in err.args), key=key,
+                             addresses=[shift_address(r.json_path, offset) for r in err.ranges],
+                             kwargs={k: _jsonable(v) for k, v in err.kwargs.items()}))
+        return out
