@@ -1,0 +1,1152 @@
+"""Replay what agents already did through a policy: for audits, incident reviews and policy trials.
+
+Sessions come from trace files (JSON: a list of events, a ``{"session_id", "events"}`` object or a
+list of them, or EventBatch records; JSONL: one EventBatch per line; one file or a folder) or from a
+cluster's events topic between two timestamps or offsets (a consumer that commits nothing and reads
+committed records only). Each batch is evaluated exactly as the live worker does it - the same
+engine interface, the same :class:`~monitor.state.SessionStore` semantics (a denied batch does not
+join the past, a known batch id repeats its verdict) - and nothing is written to production topics.
+
+Memory stays bounded by the open sessions: batches are evaluated as they are read, and per-batch
+results go to a temporary SQLite file from which the sorted report is streamed at the end.
+
+Example (files)::
+
+    >>> import json, tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "s1.json").write_text(json.dumps([{"role": "user", "content": "please send it"},
+    ...     {"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
+    ...      "function": {"name": "send_email", "arguments": {}}}]}]))
+    >>> _ = (d / "p.gr").write_text('raise "no" if:\\n    (m: Message) -> (t: ToolCall)\\n'
+    ...     '    "send" in m.content\\n    t is tool:send_email\\n')
+    >>> res = run_replay(ReplayRequest(inputs=[str(d / "s1.json")], policy=str(d / "p.gr"),
+    ...                                out=str(d / "r.json"), engine="reference", progress=False))
+    >>> res.report.totals.decisions
+    {'allow': 1, 'deny': 1}
+    >>> verify_report(d / "r.json").ok
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from monitor.engine import Engine, EngineError, make_engine
+from monitor.models import Alert, EventBatch, SourceRef, Verdict, Violation
+from monitor.policy import LoadedPolicy, PolicySet, load_policy_set, policy_files, sha256_text
+from monitor.report import (
+    TEXT_LIMIT,
+    BadInput,
+    BatchChange,
+    BatchResult,
+    CompareResult,
+    Counts,
+    Evidence,
+    InputFile,
+    Inputs,
+    KafkaInput,
+    Manifest,
+    PartitionRange,
+    PolicyRef,
+    ReplayOptions,
+    Report,
+    RuleTotal,
+    SessionChange,
+    SessionResult,
+    Totals,
+    now_iso,
+    render_html,
+    versions,
+    violation_line,
+    write_report,
+)
+from monitor.state import SessionStore
+
+TRACE_SUFFIXES = (".json",)
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+# ============================================================================ sources
+
+
+@dataclass(slots=True)
+class Item:
+    """One batch read from a source, or one piece of bad input."""
+
+    where: str
+    batch: EventBatch | None = None
+    bad: BadInput | None = None
+    raw: bytes | None = None  # the record as read (JSONL line, Kafka value), kept for evidence
+    ref: SourceRef | None = None
+
+
+def _reason(exc: ValidationError) -> str:
+    errs = exc.errors(include_url=False)
+    if errs and errs[0].get("type") == "json_invalid":
+        return f"not JSON: {errs[0].get('ctx', {}).get('error', errs[0]['msg'])}"
+    parts = [f"{'.'.join(str(x) for x in e['loc']) or '<record>'}: {e['msg']}" for e in errs[:3]]
+    more = f" (+{len(errs) - 3} more)" if len(errs) > 3 else ""
+    return "not a valid EventBatch: " + "; ".join(parts) + more
+
+
+def discover_files(paths: list[str]) -> list[Path]:
+    """The trace files of ``paths``: files as given, folders searched recursively in name order."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = [f for f in p.rglob("*") if f.is_file() and f.suffix in TRACE_SUFFIXES + JSONL_SUFFIXES]
+            out.extend(sorted(found, key=lambda f: f.relative_to(p).as_posix()))
+        else:
+            out.append(p)  # a missing file is reported as bad input, not a crash
+    return out
+
+
+def _is_event(value: Any) -> bool:
+    return isinstance(value, dict) and ("role" in value or "function" in value) and "events" not in value
+
+
+class FileSource:
+    """Batches from trace files, in file order; records each file's sha256 as it reads it.
+
+    A plain trace (a list of events) is one session named after the file; its events become
+    batches of ``trace_batch`` events (one per event by default: each step checked as it happened).
+    """
+
+    def __init__(self, paths: list[str], trace_batch: int = 1, max_record_bytes: int = 1_000_000) -> None:
+        self.files = discover_files(paths)
+        self.roots = [Path(p) for p in paths]
+        self.trace_batch = max(1, trace_batch)
+        self.max_record_bytes = max_record_bytes
+        self.read: list[InputFile] = []
+        self.total = sum(f.stat().st_size for f in self.files if f.is_file())
+        self.done = 0
+
+    def _session_name(self, f: Path) -> str:
+        for root in self.roots:
+            if root.is_dir():
+                try:
+                    return f.relative_to(root).with_suffix("").as_posix()
+                except ValueError:
+                    continue
+        return f.stem
+
+    def __iter__(self) -> Iterator[Item]:
+        for f in self.files:
+            path = str(f)
+            try:
+                if f.suffix in JSONL_SUFFIXES:
+                    yield from self._jsonl(f, path)
+                else:
+                    yield from self._json(f, path)
+            except OSError as exc:
+                yield Item(path, bad=BadInput(where=path, file=path, reason=f"unreadable: {exc}"))
+
+    def _jsonl(self, f: Path, path: str) -> Iterator[Item]:
+        h, size = hashlib.sha256(), 0
+        with f.open("rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                h.update(line)
+                size += len(line)
+                self.done += len(line)
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                if len(line) > self.max_record_bytes:
+                    yield Item(where, bad=BadInput(where=where, file=path, line=lineno,
+                                                   reason=f"too large: {len(line)} bytes"))
+                    continue
+                try:
+                    yield Item(where, batch=EventBatch.model_validate_json(line), raw=line)
+                except ValidationError as exc:
+                    yield Item(where, bad=BadInput(where=where, file=path, line=lineno, reason=_reason(exc)))
+        self.read.append(InputFile(path=path, sha256=h.hexdigest(), bytes=size))
+
+    def _json(self, f: Path, path: str) -> Iterator[Item]:
+        data = f.read_bytes()
+        self.read.append(InputFile(path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)))
+        self.done += len(data)
+        try:
+            doc = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            line = getattr(exc, "lineno", None)
+            where = f"{path}:{line}" if line else path
+            yield Item(where, bad=BadInput(where=where, file=path, line=line, reason=f"not JSON: {exc}"))
+            return
+        if isinstance(doc, dict):
+            doc = [doc]
+            single = True
+        else:
+            single = False
+        if not isinstance(doc, list):
+            yield Item(path, bad=BadInput(where=path, file=path, reason="expected a list or an object"))
+            return
+        if doc and all(_is_event(e) for e in doc):
+            yield from self._session(path, path, self._session_name(f), doc, {})
+            return
+        for i, obj in enumerate(doc):
+            where = path if single else f"{path}#{i}"
+            if isinstance(obj, dict) and "batch_id" in obj:
+                try:
+                    yield Item(where, batch=EventBatch.model_validate(obj))
+                except ValidationError as exc:
+                    yield Item(where, bad=BadInput(where=where, file=path, reason=_reason(exc)))
+            elif isinstance(obj, dict) and isinstance(obj.get("events"), list):
+                sid = obj.get("session_id") or (self._session_name(f) + ("" if single else f"#{i}"))
+                yield from self._session(path, where, str(sid), obj["events"], obj)
+            else:
+                yield Item(where, bad=BadInput(where=where, file=path,
+                                               reason="neither an event list, a session object nor an EventBatch"))
+
+    def _session(self, path: str, where: str, sid: str, events: list[Any], obj: dict[str, Any]) -> Iterator[Item]:
+        n = self.trace_batch
+        for k, i in enumerate(range(0, len(events), n)):
+            w = f"{where}#events[{i}]"
+            try:
+                batch = EventBatch.model_validate({
+                    "session_id": sid, "batch_id": str(k), "seq": k, "events": events[i:i + n],
+                    "policy": obj.get("policy"), "metadata": obj.get("metadata") or {},
+                })
+            except ValidationError as exc:
+                yield Item(w, bad=BadInput(where=w, file=path, reason=_reason(exc)))
+                continue
+            yield Item(w, batch=batch)
+
+
+def _parse_time(value: str | None) -> int | None:
+    """Milliseconds since the epoch from ``1700000000000`` or an ISO time (UTC if no zone)."""
+    if value is None:
+        return None
+    if value.isdigit():
+        return int(value)
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000)
+
+
+def parse_offsets(value: str | None) -> int | dict[int, int] | None:
+    """``"42"`` (every partition) or ``"0:10,1:7"`` (per partition).
+
+    >>> parse_offsets("0:10,1:7")
+    {0: 10, 1: 7}
+    """
+    if value is None:
+        return None
+    if ":" not in value:
+        return int(value)
+    return {int(p): int(o) for p, o in (part.split(":") for part in value.split(","))}
+
+
+class KafkaSource:
+    """Committed records of a topic between two timestamps or offsets; commits nothing.
+
+    End offsets are captured when it starts (the high watermarks, or the first offset at
+    ``to_time``), so records produced while it runs are not read and a re-run reads the same range.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str, *, from_time: str | None = None,
+                 to_time: str | None = None, from_offsets: int | dict[int, int] | None = None,
+                 to_offsets: int | dict[int, int] | None = None, partitions: list[int] | None = None,
+                 max_record_bytes: int = 1_000_000, idle_timeout: float = 30.0) -> None:
+        from confluent_kafka import Consumer
+
+        self.bootstrap_servers, self.topic = bootstrap_servers, topic
+        self.from_time, self.to_time = from_time, to_time
+        self.max_record_bytes = max_record_bytes
+        self.idle_timeout = idle_timeout
+        self.consumer = Consumer({
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": f"agent-monitor-replay-{uuid.uuid4().hex}",  # throwaway: never joins a real group
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
+        })
+        self.ranges = self._plan(partitions, _parse_time(from_time), _parse_time(to_time),
+                                 from_offsets, to_offsets)
+        self.total = sum(r.end - r.start for r in self.ranges)
+        self.done = 0
+
+    def _plan(self, only: list[int] | None, t0: int | None, t1: int | None,
+              o0: int | dict[int, int] | None, o1: int | dict[int, int] | None) -> list[PartitionRange]:
+        from confluent_kafka import TopicPartition
+
+        md = self.consumer.list_topics(self.topic, timeout=15)
+        tmd = md.topics.get(self.topic)
+        if tmd is None or tmd.error is not None or not tmd.partitions:
+            raise ReplayError(f"topic {self.topic!r} not found on {self.bootstrap_servers}"
+                              + (f": {tmd.error}" if tmd is not None and tmd.error else ""))
+        parts = sorted(tmd.partitions) if only is None else sorted(only)
+
+        def at_time(p: int, ms: int, high: int) -> int:
+            [tp] = self.consumer.offsets_for_times([TopicPartition(self.topic, p, ms)], timeout=15)
+            return high if tp.offset < 0 else tp.offset
+
+        def pick(spec: int | dict[int, int] | None, p: int) -> int | None:
+            return spec.get(p) if isinstance(spec, dict) else spec
+
+        ranges = []
+        for p in parts:
+            low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=15)
+            start = pick(o0, p)
+            start = max(low, start) if start is not None else (at_time(p, t0, high) if t0 is not None else low)
+            end = pick(o1, p)
+            end = min(high, end) if end is not None else (at_time(p, t1, high) if t1 is not None else high)
+            ranges.append(PartitionRange(partition=p, start=start, end=max(start, end)))
+        return ranges
+
+    def describe(self) -> KafkaInput:
+        return KafkaInput(bootstrap_servers=self.bootstrap_servers, topic=self.topic,
+                          partitions=self.ranges, from_time=self.from_time, to_time=self.to_time)
+
+    def __iter__(self) -> Iterator[Item]:
+        from confluent_kafka import KafkaError, TopicPartition
+
+        todo = {r.partition: r for r in self.ranges if r.end > r.start}
+        if todo:
+            self.consumer.assign([TopicPartition(self.topic, p, r.start) for p, r in todo.items()])
+        last = time.monotonic()
+        try:
+            while todo:
+                msg = self.consumer.poll(0.5)
+                if msg is None:
+                    if time.monotonic() - last > self.idle_timeout:
+                        raise ReplayError(
+                            "no records for %.0fs while partitions %s were not read to their end offsets"
+                            % (self.idle_timeout, sorted(todo)))
+                    continue
+                last = time.monotonic()
+                p = msg.partition()
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        # read_committed: the end may be a transaction marker, never delivered
+                        if p in todo and msg.offset() >= todo[p].end:
+                            del todo[p]
+                        continue
+                    raise ReplayError(f"reading {self.topic}[{p}]: {err}")
+                r = todo.get(p)
+                off = msg.offset()
+                if r is None or off >= r.end:
+                    todo.pop(p, None)
+                    continue
+                r.records += 1
+                self.done = sum(x.records for x in self.ranges)
+                yield self._item(msg)
+                if off + 1 >= r.end:
+                    del todo[p]
+        finally:
+            self.consumer.close()
+
+    def _item(self, msg: Any) -> Item:
+        p, off, value = msg.partition(), msg.offset(), msg.value()
+        where = f"{self.topic}/{p}@{off}"
+        ref = SourceRef(topic=self.topic, partition=p, offset=off)
+
+        def bad(reason: str) -> Item:
+            return Item(where, bad=BadInput(where=where, topic=self.topic, partition=p, offset=off, reason=reason),
+                        ref=ref)
+
+        if value is None:
+            return bad("empty record (no value)")
+        if len(value) > self.max_record_bytes:
+            return bad(f"too large: {len(value)} bytes (limit {self.max_record_bytes})")
+        try:
+            return Item(where, batch=EventBatch.model_validate_json(value), raw=value, ref=ref)
+        except ValidationError as exc:
+            return bad(_reason(exc))
+
+
+# ============================================================================ evaluation
+
+
+class ReplayError(RuntimeError):
+    """Replay cannot start or continue (missing topic, unreadable policy, ...)."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    result: BatchResult
+    joined: bool
+
+
+class Evaluator:
+    """One policy (set) evaluated batch by batch with the worker's rules, on in-memory state."""
+
+    def __init__(self, policies: PolicySet, options: ReplayOptions) -> None:
+        self.policies = policies
+        self.options = options
+        self.store = SessionStore({}, verdict_memory=options.verdict_memory)
+        self.engines: dict[str, Engine] = {}
+
+    def engine_for(self, policy: LoadedPolicy) -> Engine:
+        eng = self.engines.get(policy.policy_id)
+        if eng is None:
+            eng = self.engines[policy.policy_id] = make_engine(policy, self.options.engine)
+        return eng
+
+    def engine_names(self) -> str:
+        if not self.engines:
+            return make_engine(self.policies.default, self.options.engine).name
+        return ",".join(sorted({e.name for e in self.engines.values()}))
+
+    async def evaluate(self, batch: EventBatch, source: str) -> Outcome:
+        sid, bid = batch.session_id, batch.batch_id
+        head = self.store.head(sid)
+        known = self.store.known_verdict(head, sid, bid)
+        if known is not None:  # a redelivered batch repeats its verdict and changes nothing
+            res = BatchResult.model_validate_json(known)
+            return Outcome(res.model_copy(update={"duplicate": True, "source": source}), joined=False)
+        trace = batch.trace()
+        try:
+            policy = self.policies.resolve(batch.policy)
+        except KeyError as exc:
+            res = BatchResult(batch_id=bid, seq=batch.seq, source=source, events=len(trace), start=0,
+                              decision="deny", reason=str(exc.args[0]), policy_id=batch.policy)
+            self.store.commit(sid, head, bid, res.model_dump_json(), seq=batch.seq)
+            return Outcome(res, joined=False)
+        engine = self.engine_for(policy)
+        state = self.store.engine_state(head, policy.policy_id, engine.name, sid)
+        reason, check = None, None
+        try:
+            coro = engine.check(state, trace)
+            budget = self.options.budget_ms
+            check = await (asyncio.wait_for(coro, budget / 1000) if budget else coro)
+        except EngineError as exc:
+            reason = f"the policy failed: {exc}"
+        except asyncio.TimeoutError:
+            reason = f"the policy exceeded its time budget of {self.options.budget_ms:g} ms"
+        violations = [Violation.from_match(m, sid, policy.sha256) for m in (check.matches if check else [])]
+        decision = "deny" if (violations or check is None) else "allow"
+        res = BatchResult(batch_id=bid, seq=batch.seq, source=source, events=len(trace), start=state.length,
+                          decision=decision, reason=reason, policy_id=policy.policy_id,
+                          policy_sha256=policy.sha256, violations=violations)
+        joined = check is not None and (decision == "allow" or self.options.keep_denied)
+        self.store.commit(sid, head, bid, res.model_dump_json(), seq=batch.seq, policy_id=policy.policy_id,
+                          new_state=check.advance(state) if joined else None,
+                          appended=check.appended if joined else None)
+        return Outcome(res, joined=joined)
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
+
+
+# ============================================================================ result spool
+
+
+class ResultStore:
+    """Per-batch results on disk (SQLite), so memory does not grow with the number of batches."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = os.path.join(directory, "replay-results.sqlite")
+        self.db = sqlite3.connect(self.path)
+        self.db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+            "CREATE TABLE batches (session TEXT, ord INTEGER, joined INTEGER, result TEXT, raw BLOB);"
+            "CREATE TABLE changes (session TEXT, ord INTEGER, data TEXT);"
+        )
+        self._rows: list[tuple] = []
+        self._changes: list[tuple] = []
+
+    def add(self, session: str, ord_: int, joined: bool, result: BatchResult, raw: bytes) -> None:
+        self._rows.append((session, ord_, int(joined), result.model_dump_json(exclude_defaults=True), raw))
+        if len(self._rows) >= 5000:
+            self.flush()
+
+    def add_change(self, session: str, ord_: int, change: BatchChange) -> None:
+        self._changes.append((session, ord_, change.model_dump_json()))
+
+    def flush(self) -> None:
+        if self._rows:
+            self.db.executemany("INSERT INTO batches VALUES (?,?,?,?,?)", self._rows)
+            self._rows.clear()
+        if self._changes:
+            self.db.executemany("INSERT INTO changes VALUES (?,?,?)", self._changes)
+            self._changes.clear()
+
+    def finish(self) -> None:
+        self.flush()
+        self.db.execute("CREATE INDEX batches_by_session ON batches (session, ord)")
+        self.db.execute("CREATE INDEX changes_by_session ON changes (session, ord)")
+        self.db.commit()
+
+    def session_rows(self, with_raw: bool) -> Iterator[tuple[str, list[tuple]]]:
+        """(session, rows) in session order; rows are (ord, joined, result[, raw])."""
+        cols = "session, ord, joined, result" + (", raw" if with_raw else "")
+        cur = self.db.execute(f"SELECT {cols} FROM batches ORDER BY session, ord")
+        current, rows = None, []
+        for row in cur:
+            if row[0] != current:
+                if current is not None:
+                    yield current, rows
+                current, rows = row[0], []
+            rows.append(row[1:])
+        if current is not None:
+            yield current, rows
+
+    def raw_rows(self, session: str) -> list[tuple]:
+        return self.db.execute("SELECT ord, joined, result, raw FROM batches WHERE session=? ORDER BY ord",
+                               (session,)).fetchall()
+
+    def changes(self) -> Iterator[tuple[str, list[BatchChange]]]:
+        cur = self.db.execute("SELECT session, data FROM changes ORDER BY session, ord")
+        current, items = None, []
+        for sid, data in cur:
+            if sid != current:
+                if current is not None:
+                    yield current, items
+                current, items = sid, []
+            items.append(BatchChange.model_validate_json(data))
+        if current is not None:
+            yield current, items
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# ============================================================================ evidence
+
+
+def _walk(value: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)  # tool-call arguments may be a JSON string
+            except ValueError:
+                return None
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+def evidence_for(address: str, past: list[dict[str, Any]], pending: list[dict[str, Any]],
+                 start: int) -> Evidence | None:
+    """The text behind ``messages.N.field:a-b`` in a session whose past is ``past``.
+
+    >>> evidence_for("messages.0.content:7-11", [], [{"role": "user", "content": "please send"}], 0).text
+    'please send'
+    """
+    body, _, span = address.partition(":")
+    parts = body.split(".")
+    if len(parts) < 2 or parts[0] != "messages" or not parts[1].isdigit():
+        return None
+    n = int(parts[1])
+    if n < start:
+        event = past[n] if n < len(past) else None
+    else:
+        event = pending[n - start] if n - start < len(pending) else None
+    if not isinstance(event, dict):
+        return None
+    value = _walk(event, parts[2:])
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, sort_keys=True)
+    s = e = None
+    if span and "-" in span:
+        a, _, b = span.partition("-")
+        if a.isdigit() and b.isdigit():
+            s, e = int(a), int(b)
+    limit = max(TEXT_LIMIT, (e or 0) + 200)
+    return Evidence(address=address, event=n, role=event.get("role") or ("tool_call" if "function" in event else None),
+                    field=".".join(parts[2:]), text=text[:limit], start=s, end=e, truncated=len(text) > limit)
+
+
+def _trace_of(raw: bytes | None) -> list[dict[str, Any]]:
+    if not raw:
+        return []
+    if raw[:1] == b"[":
+        return json.loads(raw)
+    return EventBatch.model_validate_json(raw).trace()
+
+
+# ============================================================================ orchestration
+
+
+@dataclass
+class ReplayRequest:
+    """What to replay and how; mirrors the flags of ``agent-monitor replay``."""
+
+    policy: str
+    inputs: list[str] = field(default_factory=list)
+    out: str = "replay-report.json"
+    html: str | None = None
+    compare: str | None = None
+    engine: str = "incremental"
+    keep_denied: bool = False
+    verdict_memory: int = 64
+    trace_batch: int = 1
+    budget_ms: float | None = None
+    max_record_bytes: int = 1_000_000
+    bootstrap_servers: str | None = None
+    topic: str | None = None
+    from_time: str | None = None
+    to_time: str | None = None
+    from_offsets: int | dict[int, int] | None = None
+    to_offsets: int | dict[int, int] | None = None
+    partitions: list[int] | None = None
+    publish_prefix: str | None = None
+    publish_bootstrap: str | None = None
+    progress: bool = True
+    command: list[str] = field(default_factory=list)
+    workdir: str | None = None
+    created_at: str | None = None
+
+    def options(self) -> ReplayOptions:
+        return ReplayOptions(engine=self.engine, keep_denied=self.keep_denied,  # type: ignore[arg-type]
+                             verdict_memory=self.verdict_memory, trace_batch=self.trace_batch,
+                             budget_ms=self.budget_ms, max_record_bytes=self.max_record_bytes)
+
+
+@dataclass
+class ReplayResult:
+    report: Report  # without sessions (they are in the file)
+    out: str
+    html: str | None
+    seconds: float
+    changed_sessions: list[SessionChange] = field(default_factory=list)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.report.totals.events / self.seconds if self.seconds > 0 else 0.0
+
+
+def _policy_ref(path: str, ps: PolicySet) -> PolicyRef:
+    files = []
+    for f in policy_files(path):
+        data = f.read_bytes()
+        files.append(InputFile(path=str(f), sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)))
+    return PolicyRef(path=path, policy_id=ps.default.policy_id, sha256=ps.default.sha256, files=files)
+
+
+class _Publisher:
+    """Verdicts and alerts of a replay to ``<prefix>.verdicts`` / ``<prefix>.alerts``."""
+
+    def __init__(self, bootstrap: str, prefix: str, engine: str) -> None:
+        from confluent_kafka import Producer
+
+        from monitor.config import TopicNames
+
+        self.topics = TopicNames.for_prefix(prefix)
+        self.engine = engine
+        self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+                                  "partitioner": "murmur2_random"})
+
+    def send(self, session_id: str, res: BatchResult, ref: SourceRef | None) -> None:
+        v = Verdict(session_id=session_id, batch_id=res.batch_id, seq=res.seq, decision=res.decision,
+                    violations=res.violations, reason=res.reason, policy_id=res.policy_id,
+                    policy_sha256=res.policy_sha256, engine=self.engine, source=ref)
+        key = session_id.encode()
+        self._produce(self.topics.verdicts, key, v.model_dump_json().encode())
+        if not res.duplicate:
+            for viol in res.violations:
+                self._produce(self.topics.alerts, key, Alert.from_violation(viol, v).model_dump_json().encode())
+
+    def _produce(self, topic: str, key: bytes, value: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key)
+                break
+            except BufferError:
+                self.producer.poll(0.1)
+        self.producer.poll(0)
+
+    def close(self) -> None:
+        left = self.producer.flush(30)
+        if left:
+            raise ReplayError(f"{left} verdicts/alerts could not be published")
+
+
+class _Progress:
+    """A rich progress bar with events/s; silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, unit: str) -> None:
+        self.enabled = enabled
+        self.last = 0.0
+        self.t0 = time.monotonic()
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]replay"), BarColumn(), TextColumn("{task.percentage:>3.0f}% of " + unit),
+                TextColumn("{task.fields[events]:,} events · {task.fields[rate]:,.0f} events/s"),
+                TimeElapsedColumn(), transient=False,
+            )
+            self.task = self.bar.add_task("replay", total=total or None, events=0, rate=0.0)
+            self.bar.start()
+
+    def update(self, done: int, events: int, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if force or now - self.last > 0.2:
+            self.last = now
+            rate = events / (now - self.t0) if now > self.t0 else 0.0
+            self.bar.update(self.task, completed=done, events=events, rate=rate)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+@dataclass
+class _SessionAgg:
+    ord: int = 0
+    events: int = 0
+    denied: int = 0
+    violations: int = 0
+    other_denied: int = 0
+
+
+async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
+    t0 = time.monotonic()
+    options = req.options()
+    policies = load_policy_set(req.policy)
+    other = load_policy_set(req.compare) if req.compare else None
+    if req.topic:
+        if not req.bootstrap_servers:
+            raise ReplayError("a topic replay needs --bootstrap-servers (or KAFKA_BOOTSTRAP_SERVERS)")
+        source: FileSource | KafkaSource = KafkaSource(
+            req.bootstrap_servers, req.topic, from_time=req.from_time, to_time=req.to_time,
+            from_offsets=req.from_offsets, to_offsets=req.to_offsets, partitions=req.partitions,
+            max_record_bytes=req.max_record_bytes)
+        unit = "records"
+        if req.publish_prefix and req.topic.startswith(req.publish_prefix + "."):
+            raise ReplayError(f"--publish {req.publish_prefix!r} is the prefix of the topic being replayed: "
+                              "replay never writes to the topics it reads")
+    else:
+        if not req.inputs:
+            raise ReplayError("nothing to replay: give trace files or folders, or --topic/--prefix")
+        source = FileSource(req.inputs, trace_batch=req.trace_batch, max_record_bytes=req.max_record_bytes)
+        unit = "bytes"
+    main = Evaluator(policies, options)
+    alt = Evaluator(other, options) if other else None
+    publisher = None
+    if req.publish_prefix:
+        bootstrap = req.publish_bootstrap or req.bootstrap_servers
+        if not bootstrap:
+            raise ReplayError("--publish needs --bootstrap-servers")
+        publisher = _Publisher(bootstrap, req.publish_prefix, main.engine_names())
+    store = ResultStore(workdir)
+    sessions: dict[str, _SessionAgg] = {}
+    rules: dict[tuple[str | None, int, str], list[Any]] = {}
+    bad: list[BadInput] = []
+    counts = Counts()
+    decisions = {"allow": 0, "deny": 0}
+    other_decisions = {"allow": 0, "deny": 0}
+    batches_changed = 0
+    progress = _Progress(req.progress, source.total, unit)
+    try:
+        for item in source:
+            counts.records += 1
+            if item.batch is None:
+                assert item.bad is not None
+                bad.append(item.bad)
+                continue
+            batch = item.batch
+            sid = batch.session_id
+            agg = sessions.get(sid)
+            if agg is None:
+                agg = sessions[sid] = _SessionAgg()
+            out = await main.evaluate(batch, item.where)
+            res = out.result
+            raw = item.raw if item.raw is not None else json.dumps(batch.trace()).encode()
+            store.add(sid, agg.ord, out.joined, res, raw)
+            counts.batches += 1
+            counts.events += res.events
+            agg.events += res.events
+            decisions[res.decision] += 1
+            if res.duplicate:
+                counts.duplicates += 1
+            if res.decision == "deny":
+                agg.denied += 1
+            if not res.duplicate:
+                agg.violations += len(res.violations)
+                seen_rules = set()
+                for v in res.violations:
+                    k = (res.policy_id, v.rule_index, v.message)
+                    r = rules.get(k)
+                    if r is None:
+                        r = rules[k] = [v.severity, 0, 0, set()]
+                    r[1] += 1
+                    if k not in seen_rules:
+                        r[2] += 1
+                        seen_rules.add(k)
+                    r[3].add(sid)
+            if alt is not None:
+                o = (await alt.evaluate(batch, item.where)).result
+                other_decisions[o.decision] += 1
+                if o.decision == "deny":
+                    agg.other_denied += 1
+                if o.decision != res.decision:
+                    batches_changed += 1
+                    store.add_change(sid, agg.ord, BatchChange(
+                        batch_id=res.batch_id, source=item.where, decision=res.decision,
+                        other_decision=o.decision, violations=[violation_line(v) for v in res.violations],
+                        other_violations=[violation_line(v) for v in o.violations],
+                        reason=res.reason, other_reason=o.reason))
+            if publisher is not None:
+                publisher.send(sid, res, item.ref)
+            agg.ord += 1
+            progress.update(source.done, counts.events)
+        progress.update(source.done, counts.events, force=True)
+    finally:
+        progress.close()
+        main.close()
+        if alt:
+            alt.close()
+    if publisher is not None:
+        publisher.close()
+    store.finish()
+
+    counts.sessions = len(sessions)
+    counts.bad_input = len(bad)
+    bad.sort(key=lambda b: (b.file or b.topic or "", b.partition or 0, b.line or 0, b.offset or 0, b.where))
+    totals = Totals(
+        sessions=len(sessions), sessions_denied=sum(1 for a in sessions.values() if a.denied),
+        batches=counts.batches, events=counts.events, decisions=decisions, bad_input=len(bad),
+        rules=[RuleTotal(policy_id=k[0], rule_index=k[1], message=k[2], severity=v[0], violations=v[1],
+                         batches=v[2], sessions=len(v[3]))
+               for k, v in sorted(rules.items(), key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2]))],
+    )
+    inputs = Inputs(roots=list(req.inputs), files=source.read) if isinstance(source, FileSource) else Inputs(kafka=source.describe())
+    manifest = Manifest(
+        created_at=req.created_at or now_iso(), command=list(req.command), versions=versions(),
+        engine=main.engine_names(), policy=_policy_ref(req.policy, policies),
+        compare_policy=_policy_ref(req.compare, other) if req.compare and other else None,
+        options=options, inputs=inputs, counts=counts,
+    )
+    compare = None
+    changes: list[SessionChange] = []
+    if other is not None and req.compare:
+        for sid, items in store.changes():
+            a = sessions[sid]
+            changes.append(SessionChange(session_id=sid, decision="deny" if a.denied else "allow",
+                                         other_decision="deny" if a.other_denied else "allow", batches=items))
+        compare = CompareResult(
+            policy=manifest.compare_policy, decisions=other_decisions,  # type: ignore[arg-type]
+            sessions_denied=sum(1 for a in sessions.values() if a.other_denied),
+            sessions_changed=sum(1 for c in changes if c.verdict_changed),
+            batches_changed=batches_changed, changes=changes)
+    head = Report(manifest=manifest, totals=totals, bad_input=bad, compare=compare)
+
+    def session_results() -> Iterator[SessionResult]:
+        for sid, rows in store.session_rows(with_raw=False):
+            a = sessions[sid]
+            if a.denied:
+                batches = _with_evidence(store.raw_rows(sid))
+            else:
+                batches = [BatchResult.model_validate_json(r[2]) for r in rows]
+            yield SessionResult(session_id=sid, decision="deny" if a.denied else "allow",
+                                batches_total=len(batches), events=a.events, denied=a.denied,
+                                violations=a.violations, batches=batches)
+
+    tmp = req.out + ".tmp"
+    Path(req.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as fh:
+        write_report(fh, head, session_results())
+    os.replace(tmp, req.out)
+    store.close()
+    html_path = None
+    if req.html:
+        Path(req.html).write_text(render_html(Report.load(req.out)), encoding="utf-8")
+        html_path = req.html
+    return ReplayResult(report=head, out=req.out, html=html_path, seconds=time.monotonic() - t0,
+                        changed_sessions=changes)
+
+
+def _with_evidence(rows: list[tuple]) -> list[BatchResult]:
+    """Results of a denied session with the text of every address, read back from the spool."""
+    past: dict[str | None, list[dict[str, Any]]] = {}
+    out = []
+    for _ord, joined, result, raw in rows:
+        res = BatchResult.model_validate_json(result)
+        pending = _trace_of(raw)
+        trace = past.setdefault(res.policy_id, [])
+        if res.violations and not res.duplicate:
+            ev = []
+            for v in res.violations:
+                for addr in v.addresses:
+                    e = evidence_for(addr, trace, pending, res.start)
+                    if e is not None and e not in ev:
+                        ev.append(e)
+            res.evidence = ev
+        if joined:
+            trace.extend(pending)
+        out.append(res)
+    return out
+
+
+def run_replay(req: ReplayRequest) -> ReplayResult:
+    """Replay ``req`` and write its JSON (and HTML) report; see the module docstring."""
+    os.environ.setdefault("LOCAL_POLICY", "1")
+    with tempfile.TemporaryDirectory(prefix="agent-monitor-replay-", dir=req.workdir) as workdir:
+        return asyncio.run(_replay(req, workdir))
+
+
+# ============================================================================ verify
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    verdicts_checked: int = 0
+
+
+def _file_problems(files: list[InputFile], what: str) -> list[str]:
+    out = []
+    for f in files:
+        p = Path(f.path)
+        if not p.is_file():
+            out.append(f"{what} {f.path} is missing")
+            continue
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        if digest != f.sha256:
+            out.append(f"{what} {f.path} changed: sha256 {digest} != {f.sha256} in the report")
+    return out
+
+
+def verdict_key(session_id: str, b: BatchResult) -> tuple:
+    """What must be identical for two verdicts to be the same verdict."""
+    return (session_id, b.batch_id, b.decision,
+            tuple(sorted((v.alert_id, v.message, tuple(v.addresses)) for v in b.violations)))
+
+
+def verify_report(path: str | Path, *, bootstrap_servers: str | None = None, workdir: str | None = None,
+                  progress: bool = False) -> VerifyResult:
+    """Re-run a report from its manifest; ok iff inputs, policy and every verdict are identical."""
+    report = Report.load(path)
+    m = report.manifest
+    problems: list[str] = []
+    notes: list[str] = []
+    if m.policy is None or m.policy.path is None:
+        return VerifyResult(False, ["the report's manifest names no policy"])
+    problems += _file_problems(m.inputs.files, "input file")
+    problems += _file_problems(m.policy.files, "policy file")
+    if m.compare_policy is not None:
+        problems += _file_problems(m.compare_policy.files, "compare policy file")
+    if problems:
+        return VerifyResult(False, problems)
+    with tempfile.TemporaryDirectory(prefix="agent-monitor-verify-", dir=workdir) as tmp:
+        o = m.options
+        req = ReplayRequest(
+            policy=m.policy.path, compare=m.compare_policy.path if m.compare_policy else None,
+            out=os.path.join(tmp, "report.json"), engine=o.engine, keep_denied=o.keep_denied,
+            verdict_memory=o.verdict_memory, trace_batch=o.trace_batch, budget_ms=o.budget_ms,
+            max_record_bytes=o.max_record_bytes, progress=progress, command=m.command, workdir=tmp)
+        if m.inputs.kafka is not None:
+            k = m.inputs.kafka
+            req.topic = k.topic
+            req.bootstrap_servers = bootstrap_servers or k.bootstrap_servers
+            req.partitions = [r.partition for r in k.partitions]
+            req.from_offsets = {r.partition: r.start for r in k.partitions}
+            req.to_offsets = {r.partition: r.end for r in k.partitions}
+        else:
+            # the paths as given: a plain trace is named after its path inside the given folder
+            req.inputs = list(m.inputs.roots) or [f.path for f in m.inputs.files]
+        try:
+            run_replay(req)
+        except Exception as exc:  # noqa: BLE001 - any failure to re-run is a failed verification
+            return VerifyResult(False, [f"the replay could not be re-run: {type(exc).__name__}: {exc}"])
+        again = Report.load(req.out)
+    if again.manifest.engine != m.engine:
+        notes.append(f"engine now {again.manifest.engine!r}, report made with {m.engine!r}")
+    if m.inputs.kafka is not None and again.manifest.inputs.kafka is not None:
+        for a, b in zip(m.inputs.kafka.partitions, again.manifest.inputs.kafka.partitions):
+            if a.records != b.records:
+                problems.append(f"partition {a.partition}: {b.records} records read now, {a.records} in the report")
+    elif [f.path for f in again.manifest.inputs.files] != [f.path for f in m.inputs.files]:
+        problems.append("the re-run read a different set of files")
+    for name in ("records", "batches", "events", "sessions", "bad_input"):
+        x, y = getattr(m.counts, name), getattr(again.manifest.counts, name)
+        if x != y:
+            problems.append(f"{name}: {y} now, {x} in the report")
+    if [b.where for b in again.bad_input] != [b.where for b in report.bad_input]:
+        problems.append("the bad input listed differs")
+    theirs = {(s.session_id, i): verdict_key(s.session_id, b)
+              for s in report.sessions for i, b in enumerate(s.batches)}
+    ours = {(s.session_id, i): verdict_key(s.session_id, b)
+            for s in again.sessions for i, b in enumerate(s.batches)}
+    diffs = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    for k in diffs[:20]:
+        a, b = theirs.get(k), ours.get(k)
+        problems.append(f"session {k[0]} batch #{k[1]}: report has "
+                        f"{a[2] + ' ' + str(len(a[3])) + ' violations' if a else 'nothing'}, re-run gives "
+                        f"{b[2] + ' ' + str(len(b[3])) + ' violations' if b else 'nothing'}")
+    if len(diffs) > 20:
+        problems.append(f"... and {len(diffs) - 20} more differing verdicts")
+    if report.compare is not None and again.compare is not None:
+        if report.compare.model_dump(exclude={"policy"}) != again.compare.model_dump(exclude={"policy"}):
+            problems.append("the comparison with the second policy differs")
+    return VerifyResult(not problems, problems, notes, verdicts_checked=len(theirs))
+
+
+# ============================================================================ CLI
+
+
+def _print_summary(res: ReplayResult, console: Any) -> None:
+    from rich.table import Table
+
+    r = res.report
+    t = r.totals
+    table = Table(title="replay summary")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for name, value in [("sessions", t.sessions), ("sessions denied", t.sessions_denied),
+                        ("batches", t.batches), ("events", t.events),
+                        ("allowed batches", t.decisions.get("allow", 0)),
+                        ("denied batches", t.decisions.get("deny", 0)),
+                        ("duplicate batches", r.manifest.counts.duplicates), ("bad input", t.bad_input),
+                        ("events/s", f"{res.events_per_s:,.0f}")]:
+        table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
+    console.print(table)
+    if t.rules:
+        rt = Table(title="violations by rule")
+        for col in ("policy", "rule", "message", "severity", "violations", "sessions"):
+            rt.add_column(col)
+        for rule in t.rules:
+            rt.add_row(rule.policy_id or "", str(rule.rule_index), rule.message, rule.severity,
+                       str(rule.violations), str(rule.sessions))
+        console.print(rt)
+    if r.compare is not None:
+        c = r.compare
+        ct = Table(title=f"compared with {c.policy.policy_id}: {c.sessions_changed} sessions change verdict")
+        for col in ("session", "this policy", "other policy", "why"):
+            ct.add_column(col)
+        for ch in c.changes[:50]:
+            why = "; ".join((b.violations or [b.reason or ""])[0] + " → " +
+                            ((b.other_violations or [b.other_reason or "allowed"])[0])
+                            for b in ch.batches[:3])
+            ct.add_row(ch.session_id, ch.decision, ch.other_decision, why)
+        console.print(ct)
+    if r.bad_input:
+        console.print(f"[yellow]{len(r.bad_input)} bad input records were skipped "
+                      f"(first: {r.bad_input[0].where}: {r.bad_input[0].reason})")
+    console.print(f"report: {res.out}" + (f"  html: {res.html}" if res.html else ""))
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    # wide enough that rule messages and paths are not wrapped in CI logs
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from monitor.config import TopicNames, env_bootstrap
+
+    console = _console()
+    topic = args.topic or (TopicNames.for_prefix(args.prefix).events if args.prefix else None)
+    if topic and args.inputs:
+        console.print("[red]give either trace files or --topic/--prefix, not both")
+        return 2
+    req = ReplayRequest(
+        policy=args.policy, inputs=args.inputs, out=args.out, html=args.html, compare=args.compare,
+        engine=args.engine, keep_denied=args.keep_denied, verdict_memory=args.verdict_memory,
+        trace_batch=args.trace_batch, budget_ms=args.budget_ms, max_record_bytes=args.max_record_bytes,
+        bootstrap_servers=args.bootstrap_servers or (env_bootstrap() if topic or args.publish else None),
+        topic=topic, from_time=args.from_time, to_time=args.to_time,
+        from_offsets=parse_offsets(args.from_offset), to_offsets=parse_offsets(args.to_offset),
+        partitions=[int(p) for p in args.partitions.split(",")] if args.partitions else None,
+        publish_prefix=args.publish, progress=not args.no_progress and sys.stderr.isatty() or args.progress,
+        command=["agent-monitor", *(getattr(args, "argv_", None) or sys.argv[1:])],
+    )
+    try:
+        res = run_replay(req)
+    except (ReplayError, ValueError) as exc:
+        console.print(f"[red]replay failed: {exc}")
+        return 2
+    _print_summary(res, console)
+    if args.fail_on_deny and res.report.totals.decisions.get("deny", 0):
+        return 1
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    console = _console()
+    try:
+        res = verify_report(args.report, bootstrap_servers=args.bootstrap_servers)
+    except (OSError, ValidationError) as exc:
+        console.print(f"[red]cannot read the report {args.report}: {exc}")
+        return 2
+    for note in res.notes:
+        console.print(f"[yellow]note: {note}")
+    if res.ok:
+        print(f"OK: {args.report}: inputs, policy and all {res.verdicts_checked} verdicts and their "
+              "violations are identical")
+        return 0
+    print(f"FAILED: {args.report}")
+    for p in res.problems:
+        print(f"  - {p}")
+    return 1
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add ``replay`` and ``verify`` to an argparse subparsers object; handlers are ``args.func``."""
+    p = subparsers.add_parser(
+        "replay", help="run a policy over recorded sessions (files or a topic) and write an audit report",
+        description="Replay trace files/folders or a topic's time/offset range through a policy.")
+    p.add_argument("inputs", nargs="*", help="trace files or folders (.json, .jsonl)")
+    p.add_argument("--policy", required=True, help="policy file or folder (e.g. the one the worker runs)")
+    p.add_argument("--compare", metavar="OTHER_POLICY", help="also run this policy and show what changes")
+    p.add_argument("--engine", choices=["incremental", "reference"], default="incremental")
+    p.add_argument("--out", "-o", default="replay-report.json", help="JSON report path")
+    p.add_argument("--html", help="also write an HTML report here")
+    p.add_argument("--bootstrap-servers", help="Kafka cluster (default $KAFKA_BOOTSTRAP_SERVERS)")
+    p.add_argument("--topic", help="replay this events topic")
+    p.add_argument("--prefix", help="replay <prefix>.events")
+    p.add_argument("--from-time", help="ISO time or epoch ms: first record to read")
+    p.add_argument("--to-time", help="ISO time or epoch ms: stop before records from this time")
+    p.add_argument("--from-offset", help="N or P:N,P:N (inclusive)")
+    p.add_argument("--to-offset", help="N or P:N,P:N (exclusive)")
+    p.add_argument("--partitions", help="only these partitions, e.g. 0,3")
+    p.add_argument("--publish", metavar="PREFIX", help="send verdicts and alerts to PREFIX.verdicts/.alerts")
+    p.add_argument("--keep-denied", action="store_true", help="denied batches join the session's past")
+    p.add_argument("--verdict-memory", type=int, default=64, help="recent batch ids remembered per session")
+    p.add_argument("--trace-batch", type=int, default=1, help="events per batch for plain traces")
+    p.add_argument("--budget-ms", type=float, help="time budget per batch (default: none, for reproducibility)")
+    p.add_argument("--max-record-bytes", type=int, default=1_000_000)
+    p.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fail-on-deny", action="store_true", help="exit 1 when any batch is denied")
+    p.set_defaults(func=_cmd_replay, handler=_cmd_replay)
+    v = subparsers.add_parser("verify", help="re-run a replay report from its manifest and compare",
+                              description="Exit 0 iff inputs, policy and every verdict are identical.")
+    v.add_argument("report")
+    v.add_argument("--bootstrap-servers", help="override the cluster named in the manifest")
+    v.set_defaults(func=_cmd_verify, handler=_cmd_verify)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m monitor.replay replay|verify ...`` (the same as ``agent-monitor replay|verify``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="agent-monitor")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    args.argv_ = argv
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
