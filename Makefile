@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars demo test test-unit bench-engine bench-replay broker-start broker-stop clean
+.PHONY: install jars browser demo test test-unit bench-engine bench-replay broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -18,10 +18,14 @@ install: $(STAMP)
 jars: $(STAMP)
 	$(BIN)/agent-monitor broker fetch
 
+# Debian's chromium: the HTML report test renders the report in a real headless browser
+browser:
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
 demo: jars
 	$(BIN)/agent-monitor demo
 
-test: jars
+test: jars browser
 	$(BIN)/python -m pytest -q
 
 test-unit: $(STAMP)

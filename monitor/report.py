@@ -342,8 +342,11 @@ def _evidence_html(evidence: list[Evidence]) -> str:
     groups: dict[tuple[int, str], list[Evidence]] = {}
     for ev in evidence:
         groups.setdefault((ev.event, ev.field), []).append(ev)
+    detailed = {event for event, fld in groups if fld}
     parts = []
     for (event, fld), evs in sorted(groups.items()):
+        if not fld and event in detailed:
+            continue  # the whole message adds nothing next to the highlighted field of it
         first = evs[0]
         spans = [(e.start, e.end, e.address) for e in evs if e.start is not None and e.end is not None]
         whole = not spans  # an address of a whole event or tool call: the block is the evidence
