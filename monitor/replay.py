@@ -47,9 +47,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from monitor.engine import Engine, EngineError, make_engine
-from monitor.models import Alert, EventBatch, SourceRef, Verdict, Violation
-from monitor.policy import LoadedPolicy, PolicySet, load_policy_set, policy_files, sha256_text
+from monitor.models import Alert, EventBatch, SourceRef, Verdict
+from monitor.policy import PolicySet, load_policy_set, policy_files
 from monitor.report import (
     TEXT_LIMIT,
     BadInput,
@@ -77,6 +76,7 @@ from monitor.report import (
     write_report,
 )
 from monitor.state import SessionStore
+from monitor.worker import Rejected, decode_batch
 
 TRACE_SUFFIXES = (".json",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -94,6 +94,7 @@ class Item:
     bad: BadInput | None = None
     raw: bytes | None = None  # the record as read (JSONL line, Kafka value), kept for evidence
     ref: SourceRef | None = None
+    rejected: Any = None  # monitor.worker.Rejected: the worker still denies it if it has ids
 
 
 def _reason(exc: ValidationError) -> str:
@@ -167,14 +168,12 @@ class FileSource:
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
-                if len(line) > self.max_record_bytes:
-                    yield Item(where, bad=BadInput(where=where, file=path, line=lineno,
-                                                   reason=f"too large: {len(line)} bytes"))
-                    continue
                 try:
-                    yield Item(where, batch=EventBatch.model_validate_json(line), raw=line)
-                except ValidationError as exc:
-                    yield Item(where, bad=BadInput(where=where, file=path, line=lineno, reason=_reason(exc)))
+                    yield Item(where, batch=decode_batch(None, line.rstrip(b"\r\n"), self.max_record_bytes),
+                               raw=line)
+                except Rejected as rej:
+                    yield Item(where, bad=BadInput(where=where, file=path, line=lineno, reason=rej.reason),
+                               rejected=rej)
         self.read.append(InputFile(path=path, sha256=h.hexdigest(), bytes=size))
 
     def _json(self, f: Path, path: str) -> Iterator[Item]:
@@ -360,18 +359,11 @@ class KafkaSource:
         where = f"{self.topic}/{p}@{off}"
         ref = SourceRef(topic=self.topic, partition=p, offset=off)
 
-        def bad(reason: str) -> Item:
-            return Item(where, bad=BadInput(where=where, topic=self.topic, partition=p, offset=off, reason=reason),
-                        ref=ref)
-
-        if value is None:
-            return bad("empty record (no value)")
-        if len(value) > self.max_record_bytes:
-            return bad(f"too large: {len(value)} bytes (limit {self.max_record_bytes})")
-        try:
-            return Item(where, batch=EventBatch.model_validate_json(value), raw=value, ref=ref)
-        except ValidationError as exc:
-            return bad(_reason(exc))
+        try:  # exactly the worker's decoding: the same records are refused for the same reasons
+            return Item(where, batch=decode_batch(msg.key(), value, self.max_record_bytes), raw=value, ref=ref)
+        except Rejected as rej:
+            return Item(where, bad=BadInput(where=where, topic=self.topic, partition=p, offset=off,
+                                            reason=rej.reason), ref=ref, rejected=rej)
 
 
 # ============================================================================ evaluation
@@ -387,66 +379,71 @@ class Outcome:
     joined: bool
 
 
-class Evaluator:
-    """One policy (set) evaluated batch by batch with the worker's rules, on in-memory state."""
+class _CompactTable(dict):
+    """The session table of a replay: recent verdicts kept as JSON text, a third of the dict's size."""
 
-    def __init__(self, policies: PolicySet, options: ReplayOptions) -> None:
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key[:1] == "v":  # verdict records (monitor.state.verdict_key)
+            value = json.dumps(value, separators=(",", ":"))
+        super().__setitem__(key, value)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = super().get(key, default)
+        return json.loads(value) if key[:1] == "v" and isinstance(value, str) else value
+
+
+class Evaluator:
+    """The live worker's own evaluator (:class:`monitor.worker.Evaluator`) on an in-memory table.
+
+    Everything that decides a verdict - policy selection, repeated batch ids, seq order, the time
+    budget, fail-closed, whether a denied batch joins the past - is the worker's code, not a copy.
+    """
+
+    def __init__(self, policies: PolicySet, options: ReplayOptions, policy_path: str = "<replay>") -> None:
+        from monitor.config import WorkerSettings
+        from monitor.worker import Evaluator as WorkerEvaluator
+
         self.policies = policies
         self.options = options
-        self.store = SessionStore({}, verdict_memory=options.verdict_memory)
-        self.engines: dict[str, Engine] = {}
-
-    def engine_for(self, policy: LoadedPolicy) -> Engine:
-        eng = self.engines.get(policy.policy_id)
-        if eng is None:
-            eng = self.engines[policy.policy_id] = make_engine(policy, self.options.engine)
-        return eng
+        self.settings = WorkerSettings(
+            policy_path=policy_path, engine=options.engine, keep_denied=options.keep_denied,
+            verdict_memory=options.verdict_memory, max_record_bytes=max(1024, options.max_record_bytes),
+            # no budget unless asked: a verdict must not depend on how busy the machine was
+            budget_ms=options.budget_ms or 1e12,
+        )
+        self.worker = WorkerEvaluator(policies, self.settings)
+        self.store = SessionStore(_CompactTable(), verdict_memory=options.verdict_memory)
 
     def engine_names(self) -> str:
-        if not self.engines:
-            return make_engine(self.policies.default, self.options.engine).name
-        return ",".join(sorted({e.name for e in self.engines.values()}))
+        return ",".join(sorted({e.name for e in self.worker.engines.values()}))
 
-    async def evaluate(self, batch: EventBatch, source: str) -> Outcome:
-        sid, bid = batch.session_id, batch.batch_id
-        head = self.store.head(sid)
-        known = self.store.known_verdict(head, sid, bid)
-        if known is not None:  # a redelivered batch repeats its verdict and changes nothing
-            res = BatchResult.model_validate_json(known)
-            return Outcome(res.model_copy(update={"duplicate": True, "source": source}), joined=False)
-        trace = batch.trace()
+    def _start(self, batch: EventBatch) -> int:
+        # the trace index the batch's first event gets: the policy's session length so far
         try:
-            policy = self.policies.resolve(batch.policy)
-        except KeyError as exc:
-            res = BatchResult(batch_id=bid, seq=batch.seq, source=source, events=len(trace), start=0,
-                              decision="deny", reason=str(exc.args[0]), policy_id=batch.policy)
-            self.store.commit(sid, head, bid, res.model_dump_json(), seq=batch.seq)
-            return Outcome(res, joined=False)
-        engine = self.engine_for(policy)
-        state = self.store.engine_state(head, policy.policy_id, engine.name, sid)
-        reason, check = None, None
-        try:
-            coro = engine.check(state, trace)
-            budget = self.options.budget_ms
-            check = await (asyncio.wait_for(coro, budget / 1000) if budget else coro)
-        except EngineError as exc:
-            reason = f"the policy failed: {exc}"
-        except asyncio.TimeoutError:
-            reason = f"the policy exceeded its time budget of {self.options.budget_ms:g} ms"
-        violations = [Violation.from_match(m, sid, policy.sha256) for m in (check.matches if check else [])]
-        decision = "deny" if (violations or check is None) else "allow"
-        res = BatchResult(batch_id=bid, seq=batch.seq, source=source, events=len(trace), start=state.length,
-                          decision=decision, reason=reason, policy_id=policy.policy_id,
-                          policy_sha256=policy.sha256, violations=violations)
-        joined = check is not None and (decision == "allow" or self.options.keep_denied)
-        self.store.commit(sid, head, bid, res.model_dump_json(), seq=batch.seq, policy_id=policy.policy_id,
-                          new_state=check.advance(state) if joined else None,
-                          appended=check.appended if joined else None)
+            pid = self.policies.resolve(batch.policy).policy_id
+        except KeyError:
+            return 0
+        cur = self.store.head(batch.session_id).policies.get(pid)
+        return cur.length if cur else 0
+
+    async def evaluate(self, batch: EventBatch, source: str, ref: SourceRef | None = None) -> Outcome:
+        start = self._start(batch)
+        verdict, new = await self.worker.evaluate(self.store, batch, ref)
+        joined = new and verdict.reason is None and (verdict.decision == "allow" or self.options.keep_denied)
+        res = BatchResult(batch_id=batch.batch_id, seq=batch.seq, source=source, events=len(batch.events),
+                          start=start, decision=verdict.decision, reason=verdict.reason, duplicate=not new,
+                          policy_id=verdict.policy_id, policy_sha256=verdict.policy_sha256,
+                          violations=verdict.violations)
         return Outcome(res, joined=joined)
 
     def close(self) -> None:
-        for e in self.engines.values():
-            e.close()
+        self.worker.close()
+
+
+def rejected_result(rej: Any, source: str) -> BatchResult:
+    """The deny the worker gives a rejected record whose session and batch ids it could read."""
+    return BatchResult(batch_id=rej.batch_id, source=source, events=0, start=0, decision="deny",
+                       reason=f"rejected record ({rej.kind}): {rej.reason}")
 
 
 # ============================================================================ result spool
@@ -654,12 +651,12 @@ class _Publisher:
     def send(self, session_id: str, res: BatchResult, ref: SourceRef | None) -> None:
         v = Verdict(session_id=session_id, batch_id=res.batch_id, seq=res.seq, decision=res.decision,
                     violations=res.violations, reason=res.reason, policy_id=res.policy_id,
-                    policy_sha256=res.policy_sha256, engine=self.engine, source=ref)
+                    policy_sha256=res.policy_sha256, engine=self.engine if res.policy_sha256 else None,
+                    source=ref)
         key = session_id.encode()
         self._produce(self.topics.verdicts, key, v.model_dump_json().encode())
-        if not res.duplicate:
-            for viol in res.violations:
-                self._produce(self.topics.alerts, key, Alert.from_violation(viol, v).model_dump_json().encode())
+        for viol in res.violations:  # as the worker: a repeated verdict repeats its alerts (same ids)
+            self._produce(self.topics.alerts, key, Alert.from_violation(viol, v).model_dump_json().encode())
 
     def _produce(self, topic: str, key: bytes, value: bytes) -> None:
         while True:
@@ -738,8 +735,8 @@ async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
             raise ReplayError("nothing to replay: give trace files or folders, or --topic/--prefix")
         source = FileSource(req.inputs, trace_batch=req.trace_batch, max_record_bytes=req.max_record_bytes)
         unit = "bytes"
-    main = Evaluator(policies, options)
-    alt = Evaluator(other, options) if other else None
+    main = Evaluator(policies, options, req.policy)
+    alt = Evaluator(other, options, req.compare or "") if other else None
     publisher = None
     if req.publish_prefix:
         bootstrap = req.publish_bootstrap or req.bootstrap_servers
@@ -758,18 +755,24 @@ async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
     try:
         for item in source:
             counts.records += 1
-            if item.batch is None:
-                assert item.bad is not None
+            if item.bad is not None:
                 bad.append(item.bad)
-                continue
             batch = item.batch
-            sid = batch.session_id
+            rej = item.rejected
+            if batch is None and not (rej is not None and rej.session_id and rej.batch_id):
+                continue
+            sid = batch.session_id if batch is not None else rej.session_id
             agg = sessions.get(sid)
             if agg is None:
                 agg = sessions[sid] = _SessionAgg()
-            out = await main.evaluate(batch, item.where)
-            res = out.result
-            raw = item.raw if item.raw is not None else json.dumps(batch.trace()).encode()
+            if batch is None:  # the worker denies a rejected record it can address, state untouched
+                res = rejected_result(rej, item.where)
+                out, o = Outcome(res, joined=False), res
+                raw = b""
+            else:
+                out = await main.evaluate(batch, item.where, item.ref)
+                res = out.result
+                raw = item.raw if item.raw is not None else json.dumps(batch.trace()).encode()
             store.add(sid, agg.ord, out.joined, res, raw)
             counts.batches += 1
             counts.events += res.events
@@ -793,7 +796,8 @@ async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
                         seen_rules.add(k)
                     r[3].add(sid)
             if alt is not None:
-                o = (await alt.evaluate(batch, item.where)).result
+                if batch is not None:
+                    o = (await alt.evaluate(batch, item.where, item.ref)).result
                 other_decisions[o.decision] += 1
                 if o.decision == "deny":
                     agg.other_denied += 1

@@ -100,16 +100,19 @@ def test_jsonl_interleaved_sessions_stay_in_order_and_bad_lines_are_listed(tmp_p
         record("a", "3", [call("read_file")]),
     ]) + "\n")
     report, res = replay(tmp_path, [f], send_policy)
-    assert [s.session_id for s in report.sessions] == ["a", "b"]
+    assert [s.session_id for s in report.sessions] == ["a", "b", "c"]
     assert [b.decision for b in batches(report, "a")] == ["allow", "deny", "allow"]
     assert [b.decision for b in batches(report, "b")] == ["allow", "allow"]
     # the denied send_email did not join a's past: read_file is message 1, not 2
     assert batches(report, "a")[2].start == 1
     assert [(b.file, b.line) for b in report.bad_input] == [(str(f), 3), (str(f), 5)]
-    assert report.bad_input[0].reason.startswith("not JSON")
+    assert "not JSON" in report.bad_input[0].reason
     assert "events" in report.bad_input[1].reason
+    # as the worker does: a refused record whose ids can be read still gets a deny
+    [c] = batches(report, "c")
+    assert c.decision == "deny" and c.reason.startswith("rejected record (invalid)") and c.events == 0
     assert report.manifest.counts.bad_input == 2 and report.manifest.counts.records == 7
-    assert report.totals.sessions == 2 and report.totals.sessions_denied == 1
+    assert report.totals.sessions == 3 and report.totals.sessions_denied == 2
 
 
 def test_folder_of_mixed_files_names_sessions_by_relative_path(tmp_path, send_policy):
@@ -174,8 +177,19 @@ def test_policy_errors_and_unknown_policy_ids_deny_with_a_reason(tmp_path):
     report, _ = replay(tmp_path, [f], d)
     b = batches(report, "s")
     assert [x.decision for x in b] == ["allow", "deny", "deny"]
-    assert b[1].reason.startswith("the policy failed") and not b[1].violations
+    assert b[1].reason.startswith("the policy raised an error: TypeError") and not b[1].violations
     assert "unknown policy 'nope'" in b[2].reason
+
+
+def test_out_of_order_seq_is_denied_as_the_worker_does(tmp_path, send_policy):
+    f = tmp_path / "seq.jsonl"
+    f.write_text("\n".join([record("s", "a", [user("hi")], seq=2), record("s", "b", [user("hi")], seq=1),
+                            record("s", "c", [user("hi")], seq=3)]) + "\n")
+    report, _ = replay(tmp_path, [f], send_policy)
+    b = batches(report, "s")
+    assert [x.decision for x in b] == ["allow", "deny", "allow"]
+    assert b[1].reason.startswith("out of order: seq 1 arrived after seq 2")
+    assert b[2].start == 1
 
 
 def test_same_input_gives_a_byte_identical_report_but_the_timestamp(tmp_path, send_policy):
