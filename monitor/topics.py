@@ -46,6 +46,8 @@ from monitor.models import WIRE_MODELS
 SPEC_ENV = "AGENT_MONITOR_TOPICS_SPEC"
 """Environment variable naming the spec file (the Docker image sets it: the package has no data)."""
 
+PREFIX_ENV = "AGENT_MONITOR_PREFIX"
+
 REPO_TOPICS_DIR = Path(__file__).resolve().parent.parent / "topics"
 DEFAULT_SCHEMA_DIR = REPO_TOPICS_DIR / "schemas"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -163,7 +165,7 @@ def topic_specs(
 ) -> list[TopicSpec]:
     """The topics of one deployment, in spec order.
 
-    ``prefix``: default the spec's (``agent``). ``partitions_override``: an int sets the events topic
+    ``prefix``: default ``$AGENT_MONITOR_PREFIX``, else the spec's (``agent``). ``partitions_override``: an int sets the events topic
     (and so the state changelog); a mapping sets topics by key (``{"events": 24, "alerts": 3}``).
     The state changelog always has the events topic's partitions; overriding it to anything else
     is an error. ``replication_factor`` overrides the spec's (-1 = broker default).
@@ -174,7 +176,8 @@ def topic_specs(
     2
     """
     tf = spec if isinstance(spec, TopicsFile) else load_spec(spec)
-    prefix = prefix or tf.prefix
+    # same precedence as WorkerSettings: explicit, then the environment, then the spec's default
+    prefix = prefix or os.environ.get(PREFIX_ENV) or tf.prefix
     overrides = _normalise_overrides(partitions_override)
     parts: dict[str, int] = {}
     for key, entry in tf.topics.items():
@@ -281,8 +284,8 @@ def create_topics(
     always an error (Kafka cannot shrink a topic). A state changelog that is not compacted is an
     error. Nothing is created when any existing topic contradicts the spec.
 
-    ``bootstrap``: Kafka bootstrap servers. ``prefix``: topic name prefix (default the spec's,
-    ``agent``). ``partitions_override``: see :func:`topic_specs`. ``admin_config``: extra
+    ``bootstrap``: Kafka bootstrap servers. ``prefix``: topic name prefix (default
+    ``$AGENT_MONITOR_PREFIX``, else the spec's ``agent``). ``partitions_override``: see :func:`topic_specs`. ``admin_config``: extra
     librdkafka settings (security.protocol, sasl.*, ...).
 
     Example (needs a broker)::

@@ -136,7 +136,8 @@ def test_message_with_extra_function_field_is_valid_in_schema_and_model():
 # -- (b) the spec --------------------------------------------------------------------------------
 
 
-def test_spec_loads_and_state_changelog_follows_events_and_is_compacted():
+def test_spec_loads_and_state_changelog_follows_events_and_is_compacted(monkeypatch):
+    monkeypatch.delenv("AGENT_MONITOR_PREFIX", raising=False)
     spec = load_spec()
     assert spec.prefix == "agent"
     specs = {s.key: s for s in topic_specs()}
@@ -164,7 +165,8 @@ def test_names_agree_with_monitor_config_for_any_prefix():
             k: getattr(names, k) for k in ("events", "verdicts", "alerts", "deadletter", "state")}
 
 
-def test_partition_overrides():
+def test_partition_overrides(monkeypatch):
+    monkeypatch.delenv("AGENT_MONITOR_PREFIX", raising=False)
     by_int = {s.key: s.partitions for s in topic_specs(partitions_override=24)}
     assert by_int["events"] == by_int["state"] == 24
     assert by_int["verdicts"] == 12
@@ -208,7 +210,14 @@ def test_spec_validation_refuses_a_deleting_or_unaligned_changelog():
         TopicsFile.model_validate(raw)
 
 
+def test_prefix_from_environment(monkeypatch):
+    monkeypatch.setenv("AGENT_MONITOR_PREFIX", "staging")
+    assert topic_specs()[0].name == "staging.events"
+    assert topic_specs("explicit")[0].name == "explicit.events"
+
+
 def test_spec_path_from_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("AGENT_MONITOR_PREFIX", raising=False)
     raw = (ROOT / "topics" / "topics.toml").read_text().replace('prefix = "agent"', 'prefix = "fromenv"')
     path = tmp_path / "topics.toml"
     path.write_text(raw)
