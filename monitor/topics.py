@@ -52,7 +52,6 @@ REPO_TOPICS_DIR = Path(__file__).resolve().parent.parent / "topics"
 DEFAULT_SCHEMA_DIR = REPO_TOPICS_DIR / "schemas"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
-TopicKey = Literal["events", "verdicts", "alerts", "deadletter", "state"]
 TOPIC_KEYS: tuple[str, ...] = ("events", "verdicts", "alerts", "deadletter", "state")
 
 
