@@ -645,6 +645,12 @@ class _Publisher:
 
         self.topics = TopicNames.for_prefix(prefix)
         self.engine = engine
+        try:  # a cluster may not auto-create topics; provisioning is idempotent
+            from monitor.topics import create_topics
+
+            create_topics(bootstrap, prefix)
+        except Exception as exc:  # noqa: BLE001 - producing will say what is wrong, if anything
+            print(f"replay: could not provision topics under {prefix!r}: {exc}", file=sys.stderr)
         self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                                   "partitioner": "murmur2_random"})
 
