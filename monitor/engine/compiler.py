@@ -34,7 +34,7 @@ from invariant.analyzer.language import ast
 from invariant.analyzer.language.scope import InputData, VariableDeclaration
 from invariant.analyzer.runtime.evaluation import Interpreter
 
-from monitor.engine.evaluator import DirectContext
+from monitor.engine.evaluator import DirectContext, compile_fast
 
 SUPPORTED_TYPES = ("Message", "ToolCall", "ToolOutput")
 
@@ -62,6 +62,7 @@ class Cond:
     expr: Any = None
     vars: tuple[int, ...] = ()
     direct: bool = False  # for ARROW: ~> (directly preceding) rather than ->
+    fast: Any = None  # plain-Python evaluator for common shapes (evaluator.compile_fast)
 
 
 @dataclass
@@ -122,9 +123,11 @@ def _type_name(type_ref: Any) -> str:
 
 
 def _scan(node: Any, varmap: dict[int, Var], globals_: Any, used: set[int], parent: Any = None,
-          is_raise: bool = False) -> None:
-    """Collect the variables ``node`` uses; raise :class:`Unsupported` for constructs we leave to
-    the reference engine."""
+          is_raise: bool = False, assigned: dict[int, set[int]] | None = None,
+          via: set[int] | None = None) -> None:
+    """Collect the variables ``node`` uses (``via``: the ``:=`` variables it reads); raise
+    :class:`Unsupported` for constructs we leave to the reference engine."""
+    assigned = assigned if assigned is not None else {}
     if isinstance(node, ast.TypedIdentifier):
         raise Unsupported(f"a variable declared inside an expression{_line(node)}")
     if isinstance(node, ast.Quantifier):
@@ -137,6 +140,11 @@ def _scan(node: Any, varmap: dict[int, Var], globals_: Any, used: set[int], pare
         raise Unsupported(f"{type(node).__name__}{_line(node)}")
     if isinstance(node, ast.Identifier):
         decl = node.id
+        if id(decl) in assigned:
+            used.update(assigned[id(decl)])
+            if via is not None:
+                via.add(id(decl))
+            return
         if id(decl) in varmap:
             var = varmap[id(decl)]
             used.add(var.index)
@@ -155,7 +163,14 @@ def _scan(node: Any, varmap: dict[int, Var], globals_: Any, used: set[int], pare
                 _scan_const(value, globals_)
         return
     for child in _children(node):
-        _scan(child, varmap, globals_, used, node, is_raise)
+        _scan(child, varmap, globals_, used, node, is_raise, assigned, via)
+
+
+def _comprehensions(node: Any) -> list[Any]:
+    found = [node] if isinstance(node, ast.ListComprehension) else []
+    for child in _children(node):
+        found.extend(_comprehensions(child))
+    return found
 
 
 def _scan_const(decl: Any, globals_: Any) -> None:
@@ -255,6 +270,13 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
 
     conds: list[Cond] = []
     arrows: list[tuple[int, int, bool]] = []
+    assigned: dict[int, set[int]] = {}
+    # invariant leaks the loop variable of the first list comprehension it evaluates into the
+    # assignment (and later writes go to a copy of the store): keep to one comprehension, and no
+    # ':=' from it on, where that is simple to mirror
+    comp_pos = [pos for pos, expr in enumerate(rule.body) for _ in _comprehensions(expr)]
+    if len(comp_pos) > 1:
+        raise Unsupported("more than one list comprehension in a rule body")
     for pos, expr in enumerate(rule.body):
         if isinstance(expr, ast.TypedIdentifier):
             conds.append(Cond(DECL, pos))
@@ -265,13 +287,28 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
                 expr.right.id) in varmap else ref(expr.right)
             conds.append(Cond(ARROW, pos, expr, (a, b), expr.op == "~>"))
             arrows.append((a, b, expr.op == "~>"))
+        elif isinstance(expr, ast.BinaryExpr) and expr.op == ":=":
+            if not isinstance(expr.left, ast.Identifier) or id(expr.left.id) in varmap:
+                raise Unsupported(f"an assignment to something other than a new name{_line(expr)}")
+            if comp_pos and pos >= comp_pos[0]:
+                raise Unsupported(f"an assignment ':=' after a list comprehension{_line(expr)}")
+            used = set()
+            _scan(expr.right, varmap, globals_, used, assigned=assigned)
+            if len(used) != 1:
+                raise Unsupported(f"an assignment ':=' not from exactly one variable{_line(expr)}")
+            assigned[id(expr.left.id)] = set(used)
+            conds.append(Cond(OWN, pos, expr, tuple(sorted(used))))
         else:
             used: set[int] = set()
-            _scan(expr, varmap, globals_, used)
+            via: set[int] = set()
+            _scan(expr, varmap, globals_, used, assigned=assigned, via=via)
             if not used:
                 raise Unsupported(f"a condition without an event variable{_line(expr)}")
             kind = OWN if len(used) == 1 else JOIN
-            conds.append(Cond(kind, pos, expr, tuple(sorted(used))))
+            if kind == JOIN and via:
+                raise Unsupported(f"a condition joining variables reads a ':=' name{_line(expr)}")
+            fast = compile_fast(expr, {id(v.decl) for v in varlist})
+            conds.append(Cond(kind, pos, expr, tuple(sorted(used)), fast=fast))
     if not varlist:
         raise Unsupported("a rule without event variables (never reported for a pending batch)")
     # pruning by flow is only exact when no join condition (which may raise) comes earlier
@@ -286,8 +323,10 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
         if c.kind == JOIN:
             needs.update(c.vars)
     if message is None:
-        used = set()
-        _scan(exc, varmap, globals_, used, is_raise=True)
+        used, via = set(), set()
+        _scan(exc, varmap, globals_, used, is_raise=True, assigned=assigned, via=via)
+        if via:
+            raise Unsupported("the raise expression reads a ':=' name")
         needs.update(range(len(varlist)))  # the raise expression sees every variable
 
     result, domains = _first_pass(rule.body, globals_, symbol_table)

@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +29,7 @@ from invariant.analyzer.runtime.evaluation import INTERPRETER_STACK, NOP, Interp
 from invariant.analyzer.runtime.evaluation_context import EvaluationContext
 from invariant.analyzer.runtime.function_cache import call_either_way
 from invariant.analyzer.runtime.input import Input
-from invariant.analyzer.runtime.nodes import Contents, Message, ToolCall, ToolOutput
+from invariant.analyzer.runtime.nodes import Contents, Event, Message, ToolCall, ToolOutput
 
 # Outcome of one condition for one assignment, as invariant's rule body sees it.
 TRUE, FALSE, RAISE, OTHER = "T", "F", "R", "X"
@@ -116,29 +117,28 @@ class Occurrences:
     """
 
     def __init__(self, event: Any, trace_idx: int) -> None:
-        self.places: dict[int, list[tuple[int, str]]] = {}
-        self._seq = 0
+        self.places: dict[int, list[tuple[list[int], str]]] = {}
         self._visited: set[int] = set()
-        self._visit(event, [trace_idx])
+        self._visit(event, [trace_idx], [])
 
-    def _visit(self, obj: Any, path: list) -> None:
-        self.places.setdefault(id(obj), []).append((self._seq, ".".join(map(str, path))))
-        self._seq += 1
+    def _visit(self, obj: Any, path: list, order: list[int]) -> None:
+        # ``order`` (sibling numbers along the path) sorts places in the locator's visiting order
+        self.places.setdefault(id(obj), []).append((order, ".".join(map(str, path))))
         if id(obj) in self._visited:
             return
         self._visited.add(id(obj))
         if type(obj) is dict:
-            for k in obj:
-                self._visit(obj[k], path + [k])
+            for n, k in enumerate(obj):
+                self._visit(obj[k], path + [k], order + [n])
         elif type(obj) is list:
             for i, v in enumerate(obj):
-                self._visit(v, path + [i])
+                self._visit(v, path + [i], order + [i])
         elif isinstance(obj, Contents):
             for i in range(len(obj.root)):
-                self._visit(obj.root[i], path + [i])
+                self._visit(obj.root[i], path + [i], order + [i])
         elif isinstance(obj, BaseModel):
-            for name in obj.__class__.model_fields:
-                self._visit(getattr(obj, name), path + [name])
+            for n, name in enumerate(obj.__class__.model_fields):
+                self._visit(getattr(obj, name), path + [name], order + [n])
 
 
 class EventIndex:
@@ -150,8 +150,8 @@ class EventIndex:
     def add(self, event: Any, trace_idx: int) -> None:
         self._by_event.setdefault(id(event), (event, trace_idx, None))
 
-    def locate(self, obj_id: int) -> list[tuple[int, int, str]]:
-        """(trace index, sequence number, path) of every place ``obj_id`` has in a known event."""
+    def locate(self, obj_id: int) -> list[tuple[int, list[int], str]]:
+        """(trace index, visiting order, path) of every place ``obj_id`` has in a known event."""
         found = []
         for key, (event, idx, occ) in list(self._by_event.items()):
             if occ is None:
@@ -186,35 +186,69 @@ class Outcome:
     """What one condition gave for one assignment: status, marked ranges, error text."""
 
     status: str
-    marks: list[tuple[int, int, str]] = field(default_factory=list)  # (trace idx, seq, path)
+    marks: list[tuple[int, list[int], str]] = field(default_factory=list)  # (idx, order, path)
     error: str = ""
+    # variables the expression left in the store (``:=``, and list comprehensions, whose loop
+    # variable invariant leaks into the assignment): (name, key part, places of the value)
+    leaks: list[tuple[str, Any, list]] = field(default_factory=list)
+
+
+def key_part(value: Any) -> Any:
+    """What invariant's ``EvaluationResult.result_key`` takes from one assigned value."""
+    if type(value) is dict and "key" in value:
+        return value["key"]
+    if isinstance(value, Event) and "trace_idx" in value.metadata:
+        return value.metadata["trace_idx"]
+    return -1
 
 
 async def evaluate(expr: Any, store: dict, globals_: Any, ctx: DirectContext,
-                   index: EventIndex) -> Outcome:
+                   index: EventIndex, fast: Any = None) -> Outcome:
     """Evaluate one rule-body expression under ``store`` (VariableDeclaration -> object).
+
+    ``store`` is updated in place, as invariant's interpreter updates its variable store.
 
     The status is what invariant's short-circuited rule body makes of the value: ``False`` stops
     the body (F), an exception aborts the whole analysis (R), ``True`` or an assignment's NOP lets
     the body go on (T), anything else lets it go on but keeps it from ever being ``True`` (X).
     """
-    token = INTERPRETER_STACK.set([])  # a private stack: no other evaluation becomes our parent
-    try:
-        value, ranges = await Interpreter.eval(expr, dict(store), globals_, evaluation_context=ctx,
-                                               return_ranges=True)
-    except Exception as exc:  # noqa: BLE001 - the reference aborts on any exception
-        return Outcome(RAISE, error=f"{type(exc).__name__}: {exc}")
-    finally:
-        INTERPRETER_STACK.reset(token)
+    value: Any = _SLOW
+    before = set(store)
+    if fast is not None:
+        spans: list[tuple[Any, int, int]] = []
+        try:
+            value = fast(store, spans)
+        except _Slow:
+            value = _SLOW
+        except Exception:  # noqa: BLE001 - let the interpreter raise it, with its own message
+            value = _SLOW
+        if value is not _SLOW:
+            ranges = [(id(o), a, b) for o, a, b in spans]
+    if value is _SLOW:
+        token = INTERPRETER_STACK.set([])  # a private stack: no other evaluation is our parent
+        try:
+            value, found = await Interpreter.eval(expr, store, globals_,
+                                                  evaluation_context=ctx, return_ranges=True)
+        except Exception as exc:  # noqa: BLE001 - the reference aborts on any exception
+            return Outcome(RAISE, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            INTERPRETER_STACK.reset(token)
+        ranges = [(int(r.object_id), r.start, r.end) for r in found]
     if value is False:
         return Outcome(FALSE)
     status = TRUE if (value is True or value is NOP) else OTHER
     marks = []
-    for r in ranges:
-        suffix = f":{r.start}-{r.end}" if r.start is not None and r.end is not None else ""
-        for idx, seq, path in index.locate(int(r.object_id)):
-            marks.append((idx, seq, path + suffix))
-    return Outcome(status, marks)
+    for obj_id, start, end in ranges:
+        suffix = f":{start}-{end}" if start is not None and end is not None else ""
+        for idx, order, path in index.locate(obj_id):
+            marks.append((idx, order, path + suffix))
+    leaks = []
+    for decl in store:
+        if decl not in before:
+            value = store[decl]
+            origin = value["__origin__"] if type(value) is dict and "__origin__" in value else value
+            leaks.append((decl.name, key_part(value), index.locate(id(origin))))
+    return Outcome(status, marks, leaks=leaks)
 
 
 async def evaluate_value(expr: Any, store: dict, globals_: Any, ctx: DirectContext) -> Any:
@@ -227,10 +261,187 @@ async def evaluate_value(expr: Any, store: dict, globals_: Any, ctx: DirectConte
         INTERPRETER_STACK.reset(token)
 
 
-def object_place(element: Element, index: EventIndex) -> list[tuple[int, int, str]]:
-    """Where invariant locates a bound variable's own object (``messages.2.tool_calls.0``)."""
-    index.add(element.event, element.trace_idx)
-    return index.locate(id(element.obj))
+_TOOL_CALLS_FIELD = list(Message.model_fields).index("tool_calls")
+
+
+def object_place(element: Element) -> tuple[int, list[int], str]:
+    """Where invariant locates a bound variable's own object (``messages.2.tool_calls.0``).
+
+    An event or tool call object sits at exactly one place, known without a traversal.
+    """
+    if element.call_idx < 0:
+        return element.trace_idx, [], str(element.trace_idx)
+    return (element.trace_idx, [_TOOL_CALLS_FIELD, element.call_idx],
+            f"{element.trace_idx}.tool_calls.{element.call_idx}")
+
+
+# -- fast conditions -------------------------------------------------------------------------
+# The commonest condition shapes evaluated in plain Python, with exactly the interpreter's
+# semantics (the code paths of Interpreter.visit_BinaryExpr / visit_MemberAccess / visit_Is they
+# mirror are named below). Anything unusual at run time raises _Slow and the interpreter decides.
+
+
+class _Slow(Exception):
+    pass
+
+
+_SLOW = object()
+def _access(node: Any, var_decls: set[int]) -> Any:
+    """``v.a.b`` on event objects and dict keys (visit_MemberAccess cases 3 and 4)."""
+    from invariant.analyzer.language import ast
+    from invariant.analyzer.runtime.nodes import Function
+    from invariant.analyzer.runtime.utils.invariant_attributes import invariant_attr
+
+    members = []
+    while isinstance(node, ast.MemberAccess):
+        members.append(node.member)
+        node = node.expr
+    if type(node) is not ast.Identifier or id(node.id) not in var_decls:
+        return None
+    decl = node.id
+    members.reverse()
+    models = (Message, ToolCall, ToolOutput, Function)
+
+    def get(store):
+        obj = store[decl]
+        for m in members:
+            t = type(obj)
+            if t is dict and m in obj:
+                obj = obj[m]
+            elif t in models:
+                obj = invariant_attr(obj, m)
+            else:
+                raise _Slow()
+        return obj
+
+    return get
+
+
+def _literal(node: Any) -> tuple[bool, Any]:
+    from invariant.analyzer.language import ast
+
+    if type(node) in (ast.StringLiteral, ast.NumberLiteral, ast.BooleanLiteral):
+        if type(node) is ast.StringLiteral and node.modifier:
+            return False, None
+        return True, node.value
+    if type(node) is ast.NoneLiteral:
+        return True, None
+    return False, None
+
+
+def compile_fast(expr: Any, var_decls: set[int]) -> Any:
+    """A plain-Python evaluator ``fn(store, spans) -> value`` for a condition, or None.
+
+    ``var_decls`` holds ``id()`` of the rule's variable declarations.
+    """
+    return _fast_bool(expr, var_decls)
+
+
+def _fast(node: Any, var_decls: set[int]) -> Any:
+    from invariant.analyzer.language import ast
+
+    if isinstance(node, ast.MemberAccess):
+        return _access(node, var_decls)
+    if type(node) is ast.Identifier and id(node.id) in var_decls:
+        decl = node.id
+        return lambda store: store[decl]
+    if type(node) is not ast.BinaryExpr:
+        return None
+    op = node.op
+    if op in ("and", "or"):
+        left, right = _fast_bool(node.left, var_decls), _fast_bool(node.right, var_decls)
+        if left is None or right is None:
+            return None
+        if op == "and":
+            def both(store, spans):
+                lv, rv = left(store, spans), right(store, spans)  # no short circuit, as invariant
+                if lv is False or rv is False:
+                    return False
+                return lv and rv
+            return both
+
+        def either(store, spans):
+            lv, rv = left(store, spans), right(store, spans)
+            if lv is True or rv is True:
+                return True
+            return lv or rv
+        return either
+    if op == "is" and type(node.right) is ast.ToolReference:
+        get = _fast(node.left, var_decls)
+        if get is None or isinstance(node.left, ast.BinaryExpr):
+            return None
+        pattern = node.right.name + "$"
+
+        def is_tool(store, spans):
+            value = get(store)
+            if type(value) is ToolOutput:
+                raise _Slow()  # invariant follows the output to its call
+            if type(value) is not ToolCall:
+                return None  # ToolCallMatcher.match returns None here
+            return re.match(pattern, value.function.name) is not None
+        return is_tool
+    if op == "is" and type(node.right) is ast.UnaryExpr and node.right.op == "not" \
+            and type(node.right.expr) is ast.NoneLiteral:
+        get = _fast(node.left, var_decls)
+        if get is None or isinstance(node.left, ast.BinaryExpr):
+            return None
+        return lambda store, spans: get(store) is not None
+    if op in ("==", "!=", "is", "in"):
+        lit_l, lval = _literal(node.left)
+        lit_r, rval = _literal(node.right)
+        if op == "in" and type(node.right) is ast.ArrayLiteral:
+            items = [_literal(e) for e in node.right.elements]
+            if not all(ok for ok, _ in items) or lit_l:
+                return None
+            values = [v for _, v in items]
+            get = _fast(node.left, var_decls)
+            if get is None or isinstance(node.left, ast.BinaryExpr):
+                return None
+
+            def in_list(store, spans):
+                value = get(store)
+                if isinstance(value, list):
+                    raise _Slow()
+                return value in values
+            return in_list
+        if lit_l == lit_r:
+            return None
+        get = _fast(node.right if lit_l else node.left, var_decls)
+        if get is None or isinstance(node.right if lit_l else node.left, ast.BinaryExpr):
+            return None
+        if op == "==":
+            return (lambda store, spans: lval == get(store)) if lit_l else \
+                (lambda store, spans: get(store) == rval)
+        if op == "!=":
+            return (lambda store, spans: lval != get(store)) if lit_l else \
+                (lambda store, spans: get(store) != rval)
+        if op == "is" and type(node.right) is ast.NoneLiteral:
+            return lambda store, spans: get(store) is None
+        if op == "in" and lit_l and type(lval) is str:
+            def contains(store, spans):
+                value = get(store)
+                if value is None:
+                    return False  # '<value> in None' is False in invariant
+                if type(value) is str:
+                    for m in re.finditer(lval, value):  # the left side is a regex there
+                        spans.append((value, m.start(), m.end()))
+                    return lval in value
+                if type(value) in (Contents, dict):
+                    return lval in value
+                raise _Slow()
+            return contains
+    return None
+
+
+def _fast_bool(node: Any, var_decls: set[int]) -> Any:
+    from invariant.analyzer.language import ast
+
+    if type(node) is ast.UnaryExpr and node.op == "not":
+        inner = _fast_bool(node.expr, var_decls)
+        return None if inner is None else (lambda store, spans: not inner(store, spans))
+    if type(node) is not ast.BinaryExpr:
+        return None
+    return _fast(node, var_decls)
 
 
 __all__ = ["Element", "EventIndex", "DirectContext", "Outcome", "Occurrences", "evaluate",

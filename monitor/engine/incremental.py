@@ -207,7 +207,7 @@ class IncrementalEngine(Engine):
         rec: dict[str, Any] = {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": []}
         store = {rule.vars[v].decl: el.obj}
         for cond in rule.own_conds(v):
-            out = await evaluate(cond.expr, store, rule.globals, self._ctx, index)
+            out = await evaluate(cond.expr, store, rule.globals, self._ctx, index, cond.fast)
             if out.status in (FALSE, RAISE):
                 rec["st"], rec["k"] = cond.pos, out.status
                 if out.error:
@@ -216,9 +216,11 @@ class IncrementalEngine(Engine):
             if out.status == OTHER:
                 rec["x"] = 1
             rec["rg"].extend([i, s, cond.pos, k, p] for k, (i, s, p) in enumerate(out.marks))
+            for n, (name, part, places) in enumerate(out.leaks):
+                rec.setdefault("lk", []).append([cond.pos, n, name, part, places])
         if rec.get("k") != FALSE:
-            for i, s, p in object_place(el, index):
-                rec["rg"].append([i, s, len(rule.conds) + v, 0, p])
+            i, order, p = object_place(el)
+            rec["rg"].append([i, order, len(rule.conds) + v, 0, p])
             if v in rule.needs_object and raw is not None:
                 rec["ev"] = raw[el.raw_pos]
         return rec
@@ -305,6 +307,7 @@ class IncrementalEngine(Engine):
         """invariant's short-circuited body for one assignment: a Match, None, or EngineError."""
         other = False
         extra: list[list] = []
+        leaks: list[list] = [lk for a in assign for lk in a.rec.get("lk", ())]
         for c in rule.conds:
             if c.kind == DECL:
                 continue
@@ -322,20 +325,31 @@ class IncrementalEngine(Engine):
                 store = {}
                 for v in c.vars:
                     store[rule.vars[v].decl] = await self._object(rule, v, assign[v], objects, index)
-                out = await evaluate(c.expr, store, rule.globals, self._ctx, index)
+                out = await evaluate(c.expr, store, rule.globals, self._ctx, index, c.fast)
                 if out.status == RAISE:
                     raise EngineError(f"rule {rule.index}: {out.error}")
                 if out.status == FALSE:
                     return None
                 other = other or out.status == OTHER
                 extra.extend([i, s, c.pos, k, p] for k, (i, s, p) in enumerate(out.marks))
+                leaks.extend([c.pos, n, name, part, places]
+                             for n, (name, part, places) in enumerate(out.leaks))
         if other or any(a.rec.get("x") for a in assign):
             return None
         ranges = [r for a in assign for r in a.rec["rg"]] + extra
+        # names left in the store join the assignment after the variables, in evaluation order
+        # (first write fixes the place, the last one the value), as in invariant's input_dict
+        merged: dict[str, list] = {}
+        for pos, n, name, part, places in sorted(leaks, key=lambda lk: (lk[0], lk[1])):
+            merged[name] = [part, places] if name not in merged else [part, places]
+        base = len(rule.conds) + len(rule.vars)
+        for order, (name, (part, places)) in enumerate(merged.items()):
+            ranges.extend([i, o, base + order, 0, p] for i, o, p in places)
         ranges.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
-        idx_by_name = sorted(((var.name, assign[v].rec["i"]) for v, var in enumerate(rule.vars)),
-                             key=lambda x: x[0])
-        key = str((rule.index, tuple(i for _, i in idx_by_name)))
+        parts = [(var.name, assign[v].rec["i"]) for v, var in enumerate(rule.vars)]
+        parts += [(name, part) for name, (part, _) in merged.items()]
+        parts.sort(key=lambda x: x[0])
+        key = str((rule.index, tuple(p for _, p in parts)))
         message, kwargs = rule.message, {}
         if message is None:
             store = {rule.vars[v].decl: await self._object(rule, v, a, objects, index)
