@@ -550,7 +550,7 @@ class RecordConsumer(Generic[M]):
     All partitions are assigned manually (no consumer group, nothing committed): ``from_beginning``
     starts at the earliest offsets, otherwise at the current end. Iteration stops after
     ``max_records`` records, after ``idle_timeout`` seconds without a record, or ``timeout``
-    seconds in total (each optional; with none it runs until :meth:`close` or Ctrl-C). Records that
+    seconds in total (each optional; with none it runs until :meth:`stop` or Ctrl-C). Records that
     are not valid are skipped and counted in ``skipped`` (``strict=True`` raises instead).
     ``session_id`` keeps only one session's records.
     """
@@ -581,6 +581,7 @@ class RecordConsumer(Generic[M]):
         self.count = 0
         self.last_source: SourceRef | None = None
         self._consumer: Any = None
+        self._stop = threading.Event()
 
     def open(self) -> "RecordConsumer[M]":
         """Connect and assign the partitions (done by iteration or ``with`` if not called)."""
@@ -618,7 +619,7 @@ class RecordConsumer(Generic[M]):
     def __iter__(self) -> Iterator[M]:
         self.open()
         start = last = time.monotonic()
-        while self._consumer is not None:
+        while self._consumer is not None and not self._stop.is_set():
             if self.max_records is not None and self.count >= self.max_records:
                 return
             now = time.monotonic()
@@ -647,7 +648,12 @@ class RecordConsumer(Generic[M]):
             self.count += 1
             yield record
 
+    def stop(self) -> None:
+        """Make a running iteration return at its next poll (safe from another thread)."""
+        self._stop.set()
+
     def close(self) -> None:
+        """Release the connection; call from the iterating thread (use :meth:`stop` from others)."""
         if self._consumer is not None:
             self._consumer.close()
             self._consumer = None

@@ -32,12 +32,14 @@ def policies() -> PolicySet:
     return load_policy_set(POLICIES)
 
 
+@pytest.mark.parametrize("engine", ["reference", "incremental"])
 @pytest.mark.parametrize("sample", SAMPLES, ids=[s.name for s in SAMPLES])
-def test_sample_matches_reference_engine(sample: SampleSession, policies: PolicySet) -> None:
-    outcomes = verify_sample(sample, policies, engine="reference")
+def test_sample_matches_the_engines(sample: SampleSession, engine: str, policies: PolicySet) -> None:
+    # reference = invariant-ai itself, the ground truth; incremental = what the worker runs by default
+    outcomes = verify_sample(sample, policies, engine=engine)
     assert len(outcomes) == len(sample.batches)
     problems = [f"batch {o.index}: {o.problem}" for o in outcomes if o.problem]
-    assert not problems, f"{sample.path}: " + "; ".join(problems)
+    assert not problems, f"{sample.path} ({engine}): " + "; ".join(problems)
 
 
 def test_denied_batches_carry_addresses(policies: PolicySet) -> None:
