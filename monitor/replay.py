@@ -32,15 +32,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import heapq
 import json
+import multiprocessing as mp
 import os
+import pickle
+import re
+import resource
 import sqlite3
 import sys
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -95,6 +101,7 @@ class Item:
     raw: bytes | None = None  # the record as read (JSONL line, Kafka value), kept for evidence
     ref: SourceRef | None = None
     rejected: Any = None  # monitor.worker.Rejected: the worker still denies it if it has ids
+    route: str | None = None  # the session id used to pick the shard, when read before decoding
 
 
 def _reason(exc: ValidationError) -> str:
@@ -118,6 +125,30 @@ def discover_files(paths: list[str]) -> list[Path]:
     return out
 
 
+_SID = re.compile(rb'"session_id"\s*:\s*"([^"\\]*)"')
+
+
+def line_session_id(line: bytes) -> str | None:
+    """The top-level ``session_id`` of a JSON record, cheaply when it is unambiguous.
+
+    >>> line_session_id(b'{"session_id": "s1", "events": []}'), line_session_id(b'not json')
+    ('s1', None)
+    """
+    if line.count(b'"session_id"') == 1:
+        m = _SID.search(line)
+        if m:
+            try:
+                return m.group(1).decode()
+            except UnicodeDecodeError:
+                return None
+    try:  # nested or escaped ids: parse it properly
+        data = json.loads(line)
+    except ValueError:
+        return None
+    sid = data.get("session_id") if isinstance(data, dict) else None
+    return sid if isinstance(sid, str) and sid else None
+
+
 def _is_event(value: Any) -> bool:
     return isinstance(value, dict) and ("role" in value or "function" in value) and "events" not in value
 
@@ -129,7 +160,9 @@ class FileSource:
     batches of ``trace_batch`` events (one per event by default: each step checked as it happened).
     """
 
-    def __init__(self, paths: list[str], trace_batch: int = 1, max_record_bytes: int = 1_000_000) -> None:
+    def __init__(self, paths: list[str], trace_batch: int = 1, max_record_bytes: int = 1_000_000,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        self.shard, self.shards = shard
         self.files = discover_files(paths)
         self.roots = [Path(p) for p in paths]
         self.trace_batch = max(1, trace_batch)
@@ -168,12 +201,17 @@ class FileSource:
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
+                route = None
+                if self.shards > 1:
+                    route = line_session_id(line)
+                    if shard_of(route, self.shards) != self.shard:
+                        continue  # another shard decodes it
                 try:
                     yield Item(where, batch=decode_batch(None, line.rstrip(b"\r\n"), self.max_record_bytes),
-                               raw=line)
+                               raw=line, route=route)
                 except Rejected as rej:
                     yield Item(where, bad=BadInput(where=where, file=path, line=lineno, reason=rej.reason),
-                               rejected=rej)
+                               rejected=rej, route=route)
         self.read.append(InputFile(path=path, sha256=h.hexdigest(), bytes=size))
 
     def _json(self, f: Path, path: str) -> Iterator[Item]:
@@ -413,27 +451,25 @@ class Evaluator:
         )
         self.worker = WorkerEvaluator(policies, self.settings)
         self.store = SessionStore(_CompactTable(), verdict_memory=options.verdict_memory)
+        self.lengths: dict[tuple[str, str | None], int] = {}
 
     def engine_names(self) -> str:
         return ",".join(sorted({e.name for e in self.worker.engines.values()}))
 
-    def _start(self, batch: EventBatch) -> int:
-        # the trace index the batch's first event gets: the policy's session length so far
-        try:
-            pid = self.policies.resolve(batch.policy).policy_id
-        except KeyError:
-            return 0
-        cur = self.store.head(batch.session_id).policies.get(pid)
-        return cur.length if cur else 0
-
     async def evaluate(self, batch: EventBatch, source: str, ref: SourceRef | None = None) -> Outcome:
-        start = self._start(batch)
+        sid = batch.session_id
         verdict, new = await self.worker.evaluate(self.store, batch, ref)
         joined = new and verdict.reason is None and (verdict.decision == "allow" or self.options.keep_denied)
-        res = BatchResult(batch_id=batch.batch_id, seq=batch.seq, source=source, events=len(batch.events),
-                          start=start, decision=verdict.decision, reason=verdict.reason, duplicate=not new,
-                          policy_id=verdict.policy_id, policy_sha256=verdict.policy_sha256,
-                          violations=verdict.violations)
+        # the trace index of the batch's first event: what this policy's past of the session holds
+        # (counted here rather than re-reading the session head: same number, less work)
+        key = (sid, verdict.policy_id)
+        start = self.lengths.get(key, 0)
+        if joined:
+            self.lengths[key] = start + len(batch.events)
+        res = BatchResult.model_construct(
+            batch_id=batch.batch_id, seq=batch.seq, source=source, events=len(batch.events), start=start,
+            decision=verdict.decision, reason=verdict.reason, duplicate=not new, policy_id=verdict.policy_id,
+            policy_sha256=verdict.policy_sha256, violations=verdict.violations, evidence=[])
         return Outcome(res, joined=joined)
 
     def close(self) -> None:
@@ -452,16 +488,23 @@ def rejected_result(rej: Any, source: str) -> BatchResult:
 class ResultStore:
     """Per-batch results on disk (SQLite), so memory does not grow with the number of batches."""
 
-    def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, "replay-results.sqlite")
+    def __init__(self, directory: str, name: str = "results", *, create: bool = True) -> None:
+        self.path = os.path.join(directory, f"{name}.sqlite")
         self.db = sqlite3.connect(self.path)
+        self._rows: list[tuple] = []
+        self._changes: list[tuple] = []
+        if not create:
+            return
         self.db.executescript(
             "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
             "CREATE TABLE batches (session TEXT, ord INTEGER, joined INTEGER, result TEXT, raw BLOB);"
             "CREATE TABLE changes (session TEXT, ord INTEGER, data TEXT);"
         )
-        self._rows: list[tuple] = []
-        self._changes: list[tuple] = []
+
+    @classmethod
+    def open(cls, path: str) -> "ResultStore":
+        """A finished spool, for reading."""
+        return cls(os.path.dirname(path), Path(path).stem, create=False)
 
     def add(self, session: str, ord_: int, joined: bool, result: BatchResult, raw: bytes) -> None:
         self._rows.append((session, ord_, int(joined), result.model_dump_json(exclude_defaults=True), raw))
@@ -604,6 +647,7 @@ class ReplayRequest:
     publish_prefix: str | None = None
     publish_bootstrap: str | None = None
     progress: bool = True
+    shards: int | None = None  # processes evaluating disjoint sessions; None: by input size
     command: list[str] = field(default_factory=list)
     workdir: str | None = None
     created_at: str | None = None
@@ -621,6 +665,8 @@ class ReplayResult:
     html: str | None
     seconds: float
     changed_sessions: list[SessionChange] = field(default_factory=list)
+    shards: int = 1
+    peak_rss_mib: float = 0.0  # this process plus every shard process (an upper bound: pages are shared)
 
     @property
     def events_per_s(self) -> float:
@@ -720,27 +766,59 @@ class _SessionAgg:
     other_denied: int = 0
 
 
-async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
-    t0 = time.monotonic()
+@dataclass
+class _ShardSummary:
+    """What one shard of a replay found, besides its per-batch spool."""
+
+    db: str
+    sessions: dict[str, _SessionAgg] = field(default_factory=dict)
+    rules: dict[tuple[str | None, int, str], list[Any]] = field(default_factory=dict)
+    bad: list[BadInput] = field(default_factory=list)
+    counts: Counts = field(default_factory=Counts)
+    decisions: dict[str, int] = field(default_factory=lambda: {"allow": 0, "deny": 0})
+    other_decisions: dict[str, int] = field(default_factory=lambda: {"allow": 0, "deny": 0})
+    batches_changed: int = 0
+    files: list[InputFile] = field(default_factory=list)
+    kafka: KafkaInput | None = None
+    engine: str = ""
+    peak_rss_mib: float = 0.0  # of the shard's process, when it has its own
+
+
+def shard_of(session_id: str | None, shards: int) -> int:
+    """Which shard evaluates a session: stable across processes and runs (crc32, not hash())."""
+    if shards <= 1 or not session_id:
+        return 0
+    return zlib.crc32(session_id.encode()) % shards
+
+
+def _kafka_source(req: ReplayRequest) -> KafkaSource:
+    if not req.bootstrap_servers:
+        raise ReplayError("a topic replay needs --bootstrap-servers (or KAFKA_BOOTSTRAP_SERVERS)")
+    if req.publish_prefix and req.topic and req.topic.startswith(req.publish_prefix + "."):
+        raise ReplayError(f"--publish {req.publish_prefix!r} is the prefix of the topic being replayed: "
+                          "replay never writes to the topics it reads")
+    return KafkaSource(req.bootstrap_servers, req.topic or "", from_time=req.from_time, to_time=req.to_time,
+                       from_offsets=req.from_offsets, to_offsets=req.to_offsets, partitions=req.partitions,
+                       max_record_bytes=req.max_record_bytes)
+
+
+async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: str,
+                          report: Any = None, policies: PolicySet | None = None,
+                          other: PolicySet | None = None) -> _ShardSummary:
+    """Read the input, evaluate the sessions of this shard, spool per-batch results to SQLite.
+
+    ``report(done, events)`` is called now and then with progress (bytes or records read).
+    """
     options = req.options()
-    policies = load_policy_set(req.policy)
-    other = load_policy_set(req.compare) if req.compare else None
+    policies = policies or load_policy_set(req.policy)
+    if req.compare and other is None:
+        other = load_policy_set(req.compare)
+    source: FileSource | KafkaSource
     if req.topic:
-        if not req.bootstrap_servers:
-            raise ReplayError("a topic replay needs --bootstrap-servers (or KAFKA_BOOTSTRAP_SERVERS)")
-        source: FileSource | KafkaSource = KafkaSource(
-            req.bootstrap_servers, req.topic, from_time=req.from_time, to_time=req.to_time,
-            from_offsets=req.from_offsets, to_offsets=req.to_offsets, partitions=req.partitions,
-            max_record_bytes=req.max_record_bytes)
-        unit = "records"
-        if req.publish_prefix and req.topic.startswith(req.publish_prefix + "."):
-            raise ReplayError(f"--publish {req.publish_prefix!r} is the prefix of the topic being replayed: "
-                              "replay never writes to the topics it reads")
+        source = _kafka_source(req)
     else:
-        if not req.inputs:
-            raise ReplayError("nothing to replay: give trace files or folders, or --topic/--prefix")
-        source = FileSource(req.inputs, trace_batch=req.trace_batch, max_record_bytes=req.max_record_bytes)
-        unit = "bytes"
+        source = FileSource(req.inputs, trace_batch=req.trace_batch, max_record_bytes=req.max_record_bytes,
+                            shard=(shard, shards))
     main = Evaluator(policies, options, req.policy)
     alt = Evaluator(other, options, req.compare or "") if other else None
     publisher = None
@@ -749,25 +827,24 @@ async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
         if not bootstrap:
             raise ReplayError("--publish needs --bootstrap-servers")
         publisher = _Publisher(bootstrap, req.publish_prefix, main.engine_names())
-    store = ResultStore(workdir)
-    sessions: dict[str, _SessionAgg] = {}
-    rules: dict[tuple[str | None, int, str], list[Any]] = {}
-    bad: list[BadInput] = []
-    counts = Counts()
-    decisions = {"allow": 0, "deny": 0}
-    other_decisions = {"allow": 0, "deny": 0}
-    batches_changed = 0
-    progress = _Progress(req.progress, source.total, unit)
+    store = ResultStore(db_dir, f"shard-{shard}")
+    out_summary = _ShardSummary(db=store.path)
+    sessions, rules, bad, counts = out_summary.sessions, out_summary.rules, out_summary.bad, out_summary.counts
+    decisions, other_decisions = out_summary.decisions, out_summary.other_decisions
+    last = 0.0
     try:
         for item in source:
+            batch = item.batch
+            rej = item.rejected
+            sid = batch.session_id if batch is not None else (rej.session_id if rej is not None else None)
+            if shards > 1 and shard_of(item.route or sid, shards) != shard:
+                continue  # another shard's session (JSON files are parsed by every shard)
             counts.records += 1
             if item.bad is not None:
                 bad.append(item.bad)
-            batch = item.batch
-            rej = item.rejected
             if batch is None and not (rej is not None and rej.session_id and rej.batch_id):
                 continue
-            sid = batch.session_id if batch is not None else rej.session_id
+            assert sid is not None
             agg = sessions.get(sid)
             if agg is None:
                 agg = sessions[sid] = _SessionAgg()
@@ -788,7 +865,7 @@ async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
                 counts.duplicates += 1
             if res.decision == "deny":
                 agg.denied += 1
-            if not res.duplicate:
+            if not res.duplicate and res.violations:
                 agg.violations += len(res.violations)
                 seen_rules = set()
                 for v in res.violations:
@@ -808,7 +885,7 @@ async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
                 if o.decision == "deny":
                     agg.other_denied += 1
                 if o.decision != res.decision:
-                    batches_changed += 1
+                    out_summary.batches_changed += 1
                     store.add_change(sid, agg.ord, BatchChange(
                         batch_id=res.batch_id, source=item.where, decision=res.decision,
                         other_decision=o.decision, violations=[violation_line(v) for v in res.violations],
@@ -817,17 +894,142 @@ async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
             if publisher is not None:
                 publisher.send(sid, res, item.ref)
             agg.ord += 1
-            progress.update(source.done, counts.events)
-        progress.update(source.done, counts.events, force=True)
+            if report is not None and counts.batches % 256 == 0:
+                now = time.monotonic()
+                if now - last > 0.1:
+                    last = now
+                    report(source.done, counts.events)
+        if report is not None:
+            report(source.done, counts.events)
     finally:
-        progress.close()
         main.close()
         if alt:
             alt.close()
     if publisher is not None:
         publisher.close()
     store.finish()
+    store.close()
+    if isinstance(source, FileSource):
+        out_summary.files = source.read
+    else:
+        out_summary.kafka = source.describe()
+    out_summary.engine = main.engine_names()
+    return out_summary
 
+
+def _shard_child(req: ReplayRequest, shard: int, shards: int, db_dir: str, progress: Any,
+                 policies: PolicySet, other: PolicySet | None) -> None:
+    """Entry of a shard process (forked): the summary (or the error) goes to a pickle file."""
+    path = os.path.join(db_dir, f"shard-{shard}.pickle")
+
+    def report(done: int, events: int) -> None:
+        progress[2 * shard], progress[2 * shard + 1] = done, events
+
+    try:
+        summary: Any = asyncio.run(_evaluate_shard(req, shard, shards, db_dir, report, policies, other))
+        summary.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    except BaseException as exc:  # noqa: BLE001 - the parent re-raises it with its message
+        summary = ReplayError(f"shard {shard}: {type(exc).__name__}: {exc}")
+    with open(path, "wb") as fh:
+        pickle.dump(summary, fh)
+
+
+def _auto_shards(req: ReplayRequest) -> int:
+    if req.shards:
+        return max(1, req.shards)
+    if req.topic:
+        return 1
+    # below ~16 MiB the start of a second process costs more than it saves
+    size = sum(f.stat().st_size for f in discover_files(req.inputs) if f.is_file())
+    return 1 if size < 16 * 2**20 else max(1, min(4, os.cpu_count() or 1))
+
+
+def _run_shards(req: ReplayRequest, shards: int, workdir: str, policies: PolicySet,
+                other: PolicySet | None) -> list[_ShardSummary]:
+    if req.topic and shards > 1:
+        # one plan for every shard: the same end offsets, the partitions dealt out round-robin
+        plan = _kafka_source(req)
+        plan.consumer.close()
+        ranges = [r for r in plan.ranges]
+        shards = min(shards, len(ranges)) or 1
+    total = FileSource(req.inputs).total if not req.topic else 0
+    if shards == 1:
+        progress = _Progress(req.progress, total, "records" if req.topic else "bytes")
+        try:
+            return [asyncio.run(_evaluate_shard(req, 0, 1, workdir,
+                                                lambda d, e: progress.update(d, e, force=True),
+                                                policies, other))]
+        finally:
+            progress.close()
+    ctx = mp.get_context("fork")  # the parsed policy and imports are shared, nothing is re-imported
+    shared = ctx.Array("q", 2 * shards, lock=False)
+    procs = []
+    for k in range(shards):
+        sub = req
+        if req.topic:
+            mine = ranges[k::shards]
+            sub = replace(req, partitions=[r.partition for r in mine],
+                          from_offsets={r.partition: r.start for r in mine},
+                          to_offsets={r.partition: r.end for r in mine}, from_time=None, to_time=None)
+        p = ctx.Process(target=_shard_child, args=(sub, k, shards, workdir, shared, policies, other),
+                        daemon=True)
+        p.start()
+        procs.append(p)
+    progress = _Progress(req.progress, total * (1 if req.topic else shards), "records" if req.topic else "bytes")
+    try:
+        while any(p.is_alive() for p in procs):
+            progress.update(sum(shared[0::2]), sum(shared[1::2]), force=True)
+            time.sleep(0.2)
+        progress.update(sum(shared[0::2]), sum(shared[1::2]), force=True)
+    finally:
+        progress.close()
+        for p in procs:
+            p.join()
+    summaries = []
+    for k, p in enumerate(procs):
+        path = os.path.join(workdir, f"shard-{k}.pickle")
+        if not os.path.exists(path):
+            raise ReplayError(f"shard {k} died (exit code {p.exitcode}) without a result")
+        with open(path, "rb") as fh:
+            summary = pickle.load(fh)
+        if isinstance(summary, BaseException):
+            raise summary
+        summaries.append(summary)
+    if req.topic:  # the manifest lists every partition, in order
+        parts = sorted((r for s in summaries if s.kafka for r in s.kafka.partitions), key=lambda r: r.partition)
+        summaries[0].kafka = summaries[0].kafka.model_copy(update={"partitions": parts})  # type: ignore[union-attr]
+    return summaries
+
+
+def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
+    t0 = time.monotonic()
+    if not req.topic and not req.inputs:
+        raise ReplayError("nothing to replay: give trace files or folders, or --topic/--prefix")
+    options = req.options()
+    policies = load_policy_set(req.policy)  # refuse a bad policy before any work starts
+    other = load_policy_set(req.compare) if req.compare else None
+    summaries = _run_shards(req, _auto_shards(req), workdir, policies, other)
+
+    sessions: dict[str, _SessionAgg] = {}
+    rules: dict[tuple[str | None, int, str], list[Any]] = {}
+    bad: list[BadInput] = []
+    counts = Counts()
+    decisions = {"allow": 0, "deny": 0}
+    other_decisions = {"allow": 0, "deny": 0}
+    for s in summaries:  # shards hold disjoint sessions: sums and unions
+        sessions.update(s.sessions)
+        bad.extend(s.bad)
+        for name in ("records", "batches", "duplicates", "events"):
+            setattr(counts, name, getattr(counts, name) + getattr(s.counts, name))
+        for d in ("allow", "deny"):
+            decisions[d] += s.decisions[d]
+            other_decisions[d] += s.other_decisions[d]
+        for k, v in s.rules.items():
+            r = rules.setdefault(k, [v[0], 0, 0, set()])
+            r[1] += v[1]
+            r[2] += v[2]
+            r[3] |= v[3]
+    first = summaries[0]
     counts.sessions = len(sessions)
     counts.bad_input = len(bad)
     bad.sort(key=lambda b: (b.file or b.topic or "", b.partition or 0, b.line or 0, b.offset or 0, b.where))
@@ -838,17 +1040,22 @@ async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
                          batches=v[2], sessions=len(v[3]))
                for k, v in sorted(rules.items(), key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2]))],
     )
-    inputs = Inputs(roots=list(req.inputs), files=source.read) if isinstance(source, FileSource) else Inputs(kafka=source.describe())
+    inputs = Inputs(kafka=first.kafka) if req.topic else Inputs(roots=list(req.inputs), files=first.files)
     manifest = Manifest(
         created_at=req.created_at or now_iso(), command=list(req.command), versions=versions(),
-        engine=main.engine_names(), policy=_policy_ref(req.policy, policies),
+        engine=first.engine, policy=_policy_ref(req.policy, policies),
         compare_policy=_policy_ref(req.compare, other) if req.compare and other else None,
         options=options, inputs=inputs, counts=counts,
     )
+    stores = [ResultStore.open(s.db) for s in summaries]
+    where = {}
+    for k, s in enumerate(summaries):
+        for sid in s.sessions:
+            where[sid] = k
     compare = None
     changes: list[SessionChange] = []
     if other is not None and req.compare:
-        for sid, items in store.changes():
+        for sid, items in heapq.merge(*(st.changes() for st in stores), key=lambda x: x[0]):
             a = sessions[sid]
             changes.append(SessionChange(session_id=sid, decision="deny" if a.denied else "allow",
                                          other_decision="deny" if a.other_denied else "allow", batches=items))
@@ -856,14 +1063,15 @@ async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
             policy=manifest.compare_policy, decisions=other_decisions,  # type: ignore[arg-type]
             sessions_denied=sum(1 for a in sessions.values() if a.other_denied),
             sessions_changed=sum(1 for c in changes if c.verdict_changed),
-            batches_changed=batches_changed, changes=changes)
+            batches_changed=sum(s.batches_changed for s in summaries), changes=changes)
     head = Report(manifest=manifest, totals=totals, bad_input=bad, compare=compare)
 
     def session_results() -> Iterator[SessionResult]:
-        for sid, rows in store.session_rows(with_raw=False):
+        merged = heapq.merge(*(st.session_rows(with_raw=False) for st in stores), key=lambda x: x[0])
+        for sid, rows in merged:
             a = sessions[sid]
             if a.denied:
-                batches = _with_evidence(store.raw_rows(sid))
+                batches = _with_evidence(stores[where[sid]].raw_rows(sid))
             else:
                 batches = [BatchResult.model_validate_json(r[2]) for r in rows]
             yield SessionResult(session_id=sid, decision="deny" if a.denied else "allow",
@@ -875,13 +1083,16 @@ async def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
     with open(tmp, "w", encoding="utf-8") as fh:
         write_report(fh, head, session_results())
     os.replace(tmp, req.out)
-    store.close()
+    for st in stores:
+        st.close()
     html_path = None
     if req.html:
         Path(req.html).write_text(render_html(Report.load(req.out)), encoding="utf-8")
         html_path = req.html
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return ReplayResult(report=head, out=req.out, html=html_path, seconds=time.monotonic() - t0,
-                        changed_sessions=changes)
+                        changed_sessions=changes, shards=len(summaries),
+                        peak_rss_mib=own + sum(s.peak_rss_mib for s in summaries))
 
 
 def _with_evidence(rows: list[tuple]) -> list[BatchResult]:
@@ -910,7 +1121,7 @@ def run_replay(req: ReplayRequest) -> ReplayResult:
     """Replay ``req`` and write its JSON (and HTML) report; see the module docstring."""
     os.environ.setdefault("LOCAL_POLICY", "1")
     with tempfile.TemporaryDirectory(prefix="agent-monitor-replay-", dir=req.workdir) as workdir:
-        return asyncio.run(_replay(req, workdir))
+        return _replay(req, workdir)
 
 
 # ============================================================================ verify
