@@ -161,6 +161,38 @@ _QUIET.addHandler(__import__("logging").NullHandler())
 _QUIET.propagate = False
 
 
+def warm_up_group_coordinator(bootstrap: str, timeout: float = 60.0) -> None:
+    """Make the broker create ``__consumer_offsets`` now, by committing an offset for a group.
+
+    On a brand-new broker the first consumer group finds no coordinator until that topic exists;
+    aiokafka (under faust) has been seen to stall on that first ``GroupCoordinatorNotAvailable``.
+    """
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _QUIET})
+    topic = "__agent_monitor_warmup"
+    fs = admin.create_topics([NewTopic(topic, 1, 1)])
+    try:
+        fs[topic].result(timeout)
+    except KafkaException:
+        pass  # exists already
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "agent-monitor-warmup",
+                         "enable.auto.commit": False, "logger": _QUIET})
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                consumer.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
+                return
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"the broker's group coordinator did not come up: {exc}") from None
+                time.sleep(0.3)
+    finally:
+        consumer.close()
+
+
 @dataclass
 class BrokerInfo:
     """What ``broker start`` records so that ``status`` and ``stop`` can find the broker."""
@@ -257,6 +289,7 @@ class LocalBroker:
             )
         try:
             wait_until_ready(self.bootstrap_servers, timeout, self.proc, log)
+            warm_up_group_coordinator(self.bootstrap_servers)
         except BaseException:
             self.stop()
             raise

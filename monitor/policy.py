@@ -66,7 +66,7 @@ def _parse(text: str, path: str | None):
     except PolicyLoadingError as exc:
         errors = getattr(exc, "errors", None) or []
         detail = str(exc).split("The following errors were found:", 1)[-1].strip()
-        m = _LINE.search(detail) or _FILE_LINE.search(detail)
+        m = _FILE_LINE.search(detail) or _LINE.search(detail)
         line = int(m.group(1)) if m else None
         raise PolicyLoadError(
             f"{where}{f':{line}' if line else ''}: the policy does not parse:\n{detail}", path, line

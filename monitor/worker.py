@@ -76,17 +76,20 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int) -> Even
     key_text = key.decode("utf-8", "replace") if key else None
     if value is None:
         raise Rejected("invalid", "the record has no value (a tombstone?)", key_text)
-    if len(value) > max_bytes:
-        raise Rejected("too_large", f"the record is {len(value)} bytes, over the limit of {max_bytes}",
-                       key_text)
     try:
         data = json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Rejected("not_json", f"the record value is not JSON: {exc}", key_text) from None
+        data = exc
     sid = data.get("session_id") if isinstance(data, dict) else None
     bid = data.get("batch_id") if isinstance(data, dict) else None
     sid = sid if isinstance(sid, str) and sid else key_text
     bid = bid if isinstance(bid, str) and bid else None
+    if len(value) > max_bytes:
+        # still read its ids (Kafka bounded its size) so the waiting agent gets a deny
+        raise Rejected("too_large", f"the record is {len(value)} bytes, over the limit of {max_bytes}",
+                       sid, bid)
+    if isinstance(data, Exception):
+        raise Rejected("not_json", f"the record value is not JSON: {data}", key_text)
     if not isinstance(data, dict):
         raise Rejected("invalid", f"an EventBatch is a JSON object, not {type(data).__name__}", sid, bid)
     try:
@@ -305,7 +308,34 @@ def run_worker(settings: WorkerSettings) -> None:
     logging.basicConfig(level=getattr(logging, level, logging.WARNING), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = faust.Worker(app, loglevel=level, quiet=True, redirect_stdouts=False)
+    worker.spinner = None  # its terminal escapes would garble the ready line on stdout
     try:
         worker.execute_from_commandline()
     finally:
         app.monitor_evaluator.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m monitor.worker SETTINGS_JSON``: run a worker from serialised settings."""
+    from monitor.policy import PolicyLoadError
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m monitor.worker '<WorkerSettings as JSON>' "
+              "(people use: agent-monitor run --policy FILE|DIR)", file=sys.stderr)
+        return 2
+    try:
+        settings = WorkerSettings.model_validate_json(args[0])
+    except ValidationError as exc:
+        print(f"invalid worker settings: {_short_validation(exc)}", file=sys.stderr)
+        return 2
+    try:
+        run_worker(settings)
+    except PolicyLoadError as exc:
+        print(f"agent-monitor: refusing to start: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
