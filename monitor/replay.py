@@ -1290,7 +1290,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         topic=topic, from_time=args.from_time, to_time=args.to_time,
         from_offsets=parse_offsets(args.from_offset), to_offsets=parse_offsets(args.to_offset),
         partitions=[int(p) for p in args.partitions.split(",")] if args.partitions else None,
-        publish_prefix=args.publish, progress=not args.no_progress and sys.stderr.isatty() or args.progress,
+        publish_prefix=args.publish, shards=args.shards, progress=not args.no_progress and sys.stderr.isatty() or args.progress,
         command=["agent-monitor", *(getattr(args, "argv_", None) or sys.argv[1:])],
     )
     try:
@@ -1348,6 +1348,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--trace-batch", type=int, default=1, help="events per batch for plain traces")
     p.add_argument("--budget-ms", type=float, help="time budget per batch (default: none, for reproducibility)")
     p.add_argument("--max-record-bytes", type=int, default=1_000_000)
+    p.add_argument("--shards", type=int, help="processes evaluating disjoint sessions "
+                   "(default: 1, or up to 4 by cores for inputs over 16 MiB; a topic: 1)")
     p.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--fail-on-deny", action="store_true", help="exit 1 when any batch is denied")
