@@ -37,7 +37,7 @@ from typing import Any, get_args
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
-from monitor.models import Alert, DeadLetterKind, Severity, Verdict, Violation
+from monitor.models import Alert, DeadLetterKind, Verdict, Violation
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,6 @@ def _parse(text: str, path: str | None):
     try:
         return LocalPolicy.from_string(text, path=path)
     except PolicyLoadingError as exc:
-        errors = getattr(exc, "errors", None) or []
         detail = str(exc).split("The following errors were found:", 1)[-1].strip()
         m = _FILE_LINE.search(detail) or _LINE.search(detail)
         line = int(m.group(1)) if m else None

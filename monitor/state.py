@@ -50,8 +50,11 @@ class SessionHead(BaseModel):
     updated_at: float = 0.0
 
 
+HEAD_PREFIX = f"h{_SEP}"
+
+
 def head_key(session_id: str) -> str:
-    return f"h{_SEP}{session_id}"
+    return f"{HEAD_PREFIX}{session_id}"
 
 
 def entry_key(policy_id: str, session_id: str, n: int) -> str:

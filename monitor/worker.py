@@ -43,11 +43,13 @@ from monitor.models import (
     Violation,
 )
 from monitor.policy import LoadedPolicy, PolicySet, load_policy_set
-from monitor.state import SessionStore
+from monitor.state import HEAD_PREFIX, SessionStore
 
 log = logging.getLogger("agent_monitor.worker")
 
 READY_LINE = "agent-monitor worker ready"
+BUDGET_REASON = "the policy check exceeded its time budget"
+FAILURE_PREFIXES = (BUDGET_REASON, "the policy raised an error", "the policy check failed")
 
 
 class Rejected(Exception):
@@ -149,7 +151,7 @@ class Evaluator:
             result = await asyncio.wait_for(engine.check(state, pending),
                                             self.settings.budget_ms / 1000.0)
         except asyncio.TimeoutError:
-            reason = f"the policy check exceeded its time budget of {self.settings.budget_ms:g} ms"
+            reason = f"{BUDGET_REASON} of {self.settings.budget_ms:g} ms"
         except EngineError as exc:
             reason = f"the policy raised an error: {exc}"
         except Exception as exc:  # noqa: BLE001 - any failure of a check fails closed
@@ -203,7 +205,8 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
         table_standby_replicas=0,
         web_enabled=False,
         producer_acks=-1,
-        producer_max_request_size=max(settings.max_record_bytes + 65536, 1_048_576),
+        # a dead letter carries its record base64-encoded: 4/3 of the record plus the envelope
+        producer_max_request_size=max(settings.max_record_bytes * 3 // 2 + 65536, 2 * 1_048_576),
         consumer_max_fetch_size=max(settings.max_record_bytes + 65536, 4 * 1024 * 1024),
         stream_wait_empty=False,
         broker_session_timeout=15,
@@ -224,12 +227,19 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
     store = SessionStore(table, verdict_memory=settings.verdict_memory)
     metrics = _metrics(settings)
 
+    if metrics:
+        metrics.attach_faust(app, topics.events)
+        for p in policies.all():
+            metrics.set_policy(p.policy_id, p.sha256)
+
     async def publish(verdict: Verdict) -> None:
         key = verdict.session_id.encode()
         await verdicts.send(key=key, value=verdict.model_dump_json().encode())
         for v in verdict.violations:
             alert = Alert.from_violation(v, verdict)
             await alerts.send(key=key, value=alert.model_dump_json().encode())
+            if metrics:
+                metrics.alert_published(alert)
 
     @app.agent(events, concurrency=1)
     async def process(stream):
@@ -251,12 +261,22 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
                                       reason=f"rejected record ({rej.kind}): {rej.reason}", source=source)
                     await publish(verdict)
                 continue
+            if metrics:
+                metrics.batch_consumed(len(batch.events))
             verdict, new = await evaluator.evaluate(store, batch, source)
             await publish(verdict)
-            if metrics and new:
-                metrics.observe_verdict(verdict, verdict.eval_ms / 1000.0)
+            if metrics:
+                if not new:
+                    metrics.duplicate_batch()
+                else:
+                    metrics.observe_verdict(verdict, verdict.eval_ms / 1000.0, engine=verdict.engine)
+                    if verdict.reason and verdict.reason.startswith(FAILURE_PREFIXES):
+                        metrics.policy_failure("timeout" if "time budget" in verdict.reason else "error")
 
-    announced: dict[str, int] = {"generation": -1}
+    if metrics:
+        @app.timer(10.0)
+        async def _count_sessions() -> None:
+            metrics.set_sessions(sum(1 for k in list(table.keys()) if k.startswith(HEAD_PREFIX)))
 
     @app.on_rebalance_complete.connect
     async def _ready(sender, **kwargs) -> None:  # noqa: ARG001 - faust signal signature
@@ -282,13 +302,10 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
 def _metrics(settings: WorkerSettings):
     if settings.metrics_port is None:
         return None
-    try:
-        from monitor.metrics import WorkerMetrics, serve_metrics
-    except ImportError:
-        return None
-    metrics = WorkerMetrics()
-    serve_metrics(metrics.registry, settings.metrics_port,
-                  token=os.environ.get("AGENT_MONITOR_METRICS_TOKEN"))
+    from monitor.metrics import WorkerMetrics, serve_metrics
+
+    metrics = WorkerMetrics(engine=settings.engine)
+    serve_metrics(metrics.registry, settings.metrics_port)
     return metrics
 
 

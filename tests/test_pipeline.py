@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import time
+import urllib.request
 from collections import defaultdict
 
-import pytest
 
-from monitor.models import DeadLetter, EventBatch
-from workers import ROOT, WorkerProcess, batch, consume, produce_batches, topics
+from monitor.broker import free_port
+from monitor.models import DeadLetter
+from workers import WorkerProcess, batch, consume, produce_batches, topics
 
 FLOW = '''
 raise "Must not call tool after user uses keyword" if:
@@ -57,7 +56,8 @@ def essence(v: dict) -> tuple:
 
 def test_past_counts_and_alerts(kafka_bootstrap, topic_prefix, tmp_path):
     t = topics(topic_prefix)
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW)):
+    port = free_port()
+    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW), metrics_port=port):
         produce_batches(kafka_bootstrap, t.events, [
             batch("s1", [USER_SEND], "b1", seq=0),
             batch("s1", [BENIGN], "b2", seq=1),
@@ -66,6 +66,10 @@ def test_past_counts_and_alerts(kafka_bootstrap, topic_prefix, tmp_path):
         ])
         verdicts = consume(kafka_bootstrap, t.verdicts, until=4, timeout=60)
         alerts = consume(kafka_bootstrap, t.alerts, until=1, timeout=20, idle=3)
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'agent_monitor_verdicts_total{decision="deny"} 1.0' in scraped
+    assert 'agent_monitor_verdicts_total{decision="allow"} 3.0' in scraped
+    assert "agent_monitor_batches_total 4.0" in scraped
     got = {v["batch_id"]: v for v in verdicts}
     assert {k: v["decision"] for k, v in got.items()} == {"b1": "allow", "b2": "allow", "b3": "deny",
                                                          "c1": "allow"}
@@ -173,7 +177,7 @@ def test_two_workers_share_the_partitions(kafka_bootstrap, topic_prefix, tmp_pat
             assert time.monotonic() < deadline, f"no stable split: {a.assigned()} / {b.assigned()}"
             time.sleep(0.5)
         produce_batches(kafka_bootstrap, t.events, stream)
-        verdicts = consume(kafka_bootstrap, t.verdicts, until=len(stream), timeout=180, idle=30)
+        consume(kafka_bootstrap, t.verdicts, until=len(stream), timeout=180, idle=30)
         extra = consume(kafka_bootstrap, t.verdicts, timeout=10, idle=4)
     groups = by_batch(extra)
     assert len(extra) == len(stream), f"{len(extra)} verdicts for {len(stream)} batches"
