@@ -143,3 +143,18 @@ def test_html_lists_compare_and_bad_input(html_report):
     text = render_html(report)
     assert "leak" in text and "fine" in text
     assert text.count('<mark class="hit"') == 2
+
+
+def test_html_shows_the_comparison_with_another_policy(tmp_path):
+    (tmp_path / "a.gr").write_text(POLICY)
+    (tmp_path / "b.gr").write_text('raise "any post" if:\n    (call: ToolCall)\n    call is tool:post\n')
+    (tmp_path / "t.json").write_text(json.dumps([
+        {"role": "user", "content": "send it"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "send_email", "arguments": {}}}]}]))
+    out = tmp_path / "r.json"
+    run_replay(ReplayRequest(inputs=[str(tmp_path / "t.json")], policy=str(tmp_path / "a.gr"), out=str(out),
+                             compare=str(tmp_path / "b.gr"), engine="reference", progress=False))
+    text = render_html(Report.load(out))
+    assert "Compared with policy b" in text and "1 sessions change verdict" in text
+    assert "t: deny → allow" in text and "Must not call tool after user uses keyword @ messages.0" in text
