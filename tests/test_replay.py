@@ -301,3 +301,16 @@ def test_sharded_replay_gives_the_same_report(tmp_path, send_policy):
     assert one["totals"]["decisions"]["deny"] > 5 and one["compare"]["changes"]
     for shards in (2, 3):
         assert strip_volatile((tmp_path / f"r{shards}.json").read_text()) == one
+
+
+def test_unreadable_files_are_listed_and_the_rest_is_replayed(tmp_path, send_policy):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps([user("send"), call("send_email")]))
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n" + record("x", "1", [user("hi")]).encode() + b"\n")
+    missing = tmp_path / "missing.json"
+    report, _ = replay(tmp_path, [missing, binary, good], send_policy)
+    assert [s.session_id for s in report.sessions] == ["good", "x"]
+    assert [(b.file, b.line) for b in report.bad_input] == [(str(binary), 1), (str(missing), None)]
+    assert "No such file" in report.bad_input[1].reason
+    assert verify_report(tmp_path / "report.json").ok
