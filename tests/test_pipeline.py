@@ -11,7 +11,7 @@ from collections import defaultdict
 
 from monitor.broker import free_port
 from monitor.models import DeadLetter
-from workers import WorkerProcess, batch, consume, produce_batches, topics
+from workers import WorkerProcess, batch, consume, produce_batches, raw_values, topics
 
 FLOW = '''
 raise "Must not call tool after user uses keyword" if:
@@ -302,3 +302,31 @@ def test_a_policy_with_a_syntax_error_is_refused(kafka_bootstrap, topic_prefix, 
     err = w.log_tail()
     assert "bad.gr:3:" in err and "msg.content == ==" in err
     assert "does not parse" in err
+
+
+def test_a_session_of_10000_events_and_10_mb(kafka_bootstrap, topic_prefix, tmp_path):
+    """State is one record per entry plus a small head: no record nears Kafka's 1 MB default."""
+    t = topics(topic_prefix)
+    filler = "lorem ipsum dolor sit amet " * 37  # ~1 KB per event
+    batches = [batch("long", [USER_SEND], "b0")]
+    n = 1
+    while n < 9_999:
+        size = min(100, 9_999 - n)
+        batches.append(batch("long", [{"role": "assistant", "content": f"{i} {filler}"}
+                                      for i in range(n, n + size)], f"b{len(batches)}"))
+        n += size
+    batches.append(batch("long", [SEND_EMAIL], "last"))
+    total_bytes = sum(len(b.model_dump_json()) for b in batches)
+    assert n + 1 == 10_000 and total_bytes > 10_000_000
+    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW)):
+        produce_batches(kafka_bootstrap, t.events, batches)
+        verdicts = consume(kafka_bootstrap, t.verdicts, until=len(batches), timeout=240)
+    assert len(verdicts) == len(batches)
+    assert all(v["decision"] == "allow" for v in verdicts[:-1])
+    last = verdicts[-1]
+    assert last["batch_id"] == "last" and last["decision"] == "deny"
+    assert last["violations"][0]["addresses"] == ["messages.0", "messages.0.content:8-12",
+                                                  "messages.9999"]
+    state = raw_values(kafka_bootstrap, t.state)
+    assert state, "the worker wrote no state"
+    assert max(len(v) for v in state) < 100_000, "a state record grew with the session"

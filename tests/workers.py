@@ -168,3 +168,24 @@ def consume(bootstrap: str, topic: str, *, until: int | None = None, timeout: fl
 
 def topics(prefix: str) -> TopicNames:
     return TopicNames.for_prefix(prefix)
+
+
+def raw_values(bootstrap: str, topic: str, timeout: float = 30.0, idle: float = 3.0) -> list[bytes]:
+    """Every value of a topic, undecoded (tombstones skipped)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    md = c.list_topics(topic, timeout=10)
+    c.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
+    out: list[bytes] = []
+    deadline, last = time.monotonic() + timeout, time.monotonic()
+    try:
+        while time.monotonic() < deadline and time.monotonic() - last < idle:
+            m = c.poll(0.2)
+            if m is None or m.error():
+                continue
+            last = time.monotonic()
+            if m.value() is not None:
+                out.append(m.value())
+    finally:
+        c.close()
+    return out
