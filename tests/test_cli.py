@@ -279,3 +279,26 @@ def test_replay_is_registered_when_present(capsys: pytest.CaptureFixture[str]) -
         assert f"    {command} " in out
     if "monitor.replay" in cli.EXTENSIONS:
         assert "    replay " in out
+
+
+# -- demo -------------------------------------------------------------------------------------------
+
+def test_demo_plays_samples_and_fails_on_a_wrong_expectation(kafka_bootstrap: str, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    sessions = tmp_path / "sessions"
+    sessions.mkdir()
+    good = json.loads((SESSIONS / "flow_send_email_split.json").read_text())
+    (sessions / "good.json").write_text(json.dumps(good))
+    wrong = json.loads((SESSIONS / "secrets_create_pr.json").read_text())
+    wrong["session_id"] = "wrong-expectation"
+    wrong["expect"][2] = {"decision": "allow", "violations": []}  # the worker will deny this batch
+    (sessions / "wrong.json").write_text(json.dumps(wrong))
+    code = main(["demo", "--bootstrap-servers", kafka_bootstrap, "--sessions", str(sessions), "--timeout", "60"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "agent-monitor worker ready" in out
+    assert "✓ flow-send-email-split  #flow-send-email-split:1  DENY" in out
+    assert "Must not call tool after user uses keyword" in out
+    assert "✗ wrong-expectation  #wrong-expectation:2  DENY" in out
+    assert "1 verdict(s) did not match the expectation" in out
+    assert "alerts 2 (expected 2" in out  # one per denied batch, read back from the alerts topic
