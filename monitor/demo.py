@@ -32,7 +32,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -192,54 +191,62 @@ def read_batches(text: str, source: str = "<input>", session_id: str | None = No
 # -- the worker subprocess --------------------------------------------------------------------------
 
 class WorkerProcess:
-    """``agent-monitor run`` as a child process; :meth:`wait_ready` waits for its ready line."""
+    """``agent-monitor run`` as a child process; :meth:`wait_ready` waits for its ready line.
+
+    Its stdout and stderr go to files, not pipes, so a worker left running (``demo --keep``) never
+    dies of a closed pipe once the demo exits.
+    """
 
     def __init__(self, args: Sequence[str], log_path: Path) -> None:
         self.args = list(args)
         self.log_path = log_path
-        self.proc: subprocess.Popen[str] | None = None
-        self.stdout_tail: deque[str] = deque(maxlen=50)
-        self.ready = threading.Event()
+        self.out_path = log_path.with_suffix(".out")
+        self.proc: subprocess.Popen[bytes] | None = None
         self.ready_line = ""
 
     def start(self, new_session: bool = False) -> "WorkerProcess":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor.cli", "run", *self.args], cwd=REPO, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=self._log, stdin=subprocess.DEVNULL,
-            start_new_session=new_session,
-        )
-        threading.Thread(target=self._read, name="demo-worker-stdout", daemon=True).start()
+        with open(self.log_path, "ab") as err, open(self.out_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "monitor.cli", "run", *self.args], cwd=REPO, env=env,
+                stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=new_session,
+            )
         return self
 
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.stdout_tail.append(line)
-            if READY_LINE in line:  # faust may prefix terminal escapes (spinner) to the line
-                self.ready_line = line[line.index(READY_LINE):]
-                self.ready.set()
+    def _ready_line(self) -> str | None:
+        try:
+            text = self.out_path.read_text(errors="replace")
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if READY_LINE in line:  # faust may prefix terminal escapes (its spinner) to the line
+                return line[line.index(READY_LINE):]
+        return None
 
     def log_tail(self, chars: int = 3000) -> str:
-        try:
-            err = self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            err = ""
-        out = "\n".join(self.stdout_tail)
-        return (out + "\n" + err).strip()
+        parts = []
+        for path in (self.out_path, self.log_path):
+            try:
+                parts.append(path.read_text(errors="replace")[-chars:])
+            except OSError:
+                pass
+        return "\n".join(p.strip() for p in parts if p.strip())
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self.ready.wait(0.2):
+        while True:
+            line = self._ready_line()
+            if line:
+                self.ready_line = line
+                return
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise DemoError(f"the worker exited with code {self.proc.returncode} before it was ready; "
-                                   f"its log ends with:\n{self.log_tail()}")
+                                f"its log ends with:\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise DemoError(f"the worker was not ready after {timeout:.0f}s "
-                                   f"(no '{READY_LINE}' line); its log ends with:\n{self.log_tail()}")
+                                f"(no '{READY_LINE}' line); its log ends with:\n{self.log_tail()}")
+            time.sleep(0.2)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc is None:
@@ -251,7 +258,6 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self._log.close()
         return self.proc.returncode
 
 
@@ -409,7 +415,10 @@ def run_demo(policy: str | None = None, sessions: str | None = None, keep: bool 
             alert_reader.close()
         if worker is not None and worker.proc is not None:
             if keep:
-                console.print(f"\nworker left running: pid {worker.proc.pid} (stop: kill {worker.proc.pid})")
+                console.print(f"\nworker left running: pid {worker.proc.pid} (stop: kill {worker.proc.pid}; "
+                              f"log {worker.log_path}); try:\n  agent-monitor produce "
+                              f"examples/sessions/flow_send_email.json --wait --bootstrap-servers {bootstrap} "
+                              f"--prefix {prefix}")
             else:
                 code = worker.stop()
                 if code not in (0, -signal.SIGTERM, None):
@@ -418,9 +427,7 @@ def run_demo(policy: str | None = None, sessions: str | None = None, keep: bool 
         if local_broker is not None:
             local_broker.stop()
         elif keep and not (bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")):
-            console.print(f"broker left running at {bootstrap} (stop: agent-monitor broker stop); try:\n"
-                          f"  agent-monitor produce examples/sessions/flow_send_email.json --wait "
-                          f"--bootstrap-servers {bootstrap} --prefix {prefix}")
+            console.print(f"broker left running at {bootstrap} (stop: agent-monitor broker stop)")
     ok = bool(results) and all(r.problem is None for r in results)
     return 0 if ok else 1
 
