@@ -32,7 +32,7 @@ from typing import Any
 
 from invariant.analyzer.language import ast
 from invariant.analyzer.language.scope import InputData, VariableDeclaration
-from invariant.analyzer.runtime.evaluation import Interpreter
+from invariant.analyzer.runtime.evaluation import Interpreter, Unknown
 
 from monitor.engine.evaluator import DirectContext, compile_fast
 
@@ -84,6 +84,9 @@ class CompiledRule:
 
     def describe(self) -> str:
         names = ", ".join(f"{v.name}: {v.type}" for v in self.vars)
+        if self.never:
+            return (f"compiled: variables ({names}), but invariant's first pass already decides "
+                    "the body without binding them, so no pending batch is ever reported")
         kept = []
         for v, k in zip(self.vars, self.keep):
             kept.append(f"{v.name}: " + ("none" if k == 0 else "all candidates" if k is None
@@ -178,15 +181,22 @@ def _scan_const(decl: Any, globals_: Any) -> None:
         _scan(expr, {}, globals_, set())
 
 
-def _first_pass(rule_body: list, globals_: Any, symbol_table: Any) -> tuple[Any, list]:
-    """invariant's first pass over a body with no variable bound: the domains it finds and
-    whether the body is already False (then the reference never reports the rule)."""
+def _first_pass(rule: Any, globals_: Any, symbol_table: Any) -> tuple[bool, list]:
+    """invariant's first pass over a body with no variable bound: whether it goes on to bind the
+    variables (only when the body is still unknown, or true while the raise needs a variable;
+    otherwise the reference yields at most a model without events, never reported for a
+    pending batch) and the domains it found."""
 
     async def run():
         ctx = DirectContext(symbol_table)
-        result, domains = await Interpreter.eval(rule_body, {}, globals_, evaluation_context=ctx,
+        result, domains = await Interpreter.eval(rule.body, {}, globals_, evaluation_context=ctx,
                                                  return_variable_domains=True, assume_bool=True)
-        return result, list(domains.items())
+        explores = result is Unknown
+        if result is True:
+            action = await Interpreter.eval(rule.exception_or_constructor, {}, globals_,
+                                            partial=True, evaluation_context=ctx)
+            explores = action is Unknown
+        return explores, list(domains.items())
 
     box: dict[str, Any] = {}
 
@@ -329,8 +339,8 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
             raise Unsupported("the raise expression reads a ':=' name")
         needs.update(range(len(varlist)))  # the raise expression sees every variable
 
-    result, domains = _first_pass(rule.body, globals_, symbol_table)
-    never = result is False
+    explores, domains = _first_pass(rule, globals_, symbol_table)
+    never = not explores
     if not never:
         found = [d for d, _ in domains]
         if set(map(id, found)) != set(id(v.decl) for v in varlist) or any(
