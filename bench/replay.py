@@ -14,8 +14,8 @@ user asking to "send" followed by a ``send_email`` call, which the seed-004 flow
 
 The replay (``monitor.replay.run_replay``: read, evaluate with ``make_engine(policy, "incremental")``,
 spool results, write the sorted JSON report) runs in a fresh process, so its peak RSS is its own.
-``--scaling`` also replays a tenth of the events over the same sessions, to show that peak memory
-does not grow with the number of events. The figures go to ``bench/results/replay.json``.
+A second run replays a tenth of the events over the same sessions (skip it with ``--no-scaling``),
+to show how peak memory depends on the number of events. The figures go to ``bench/results/replay.json``.
 
 Run: ``make bench-replay`` or ``.venv/bin/python bench/replay.py --events 100000 --sessions 1000``.
 """
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engine", default="incremental", choices=["incremental", "reference"])
     ap.add_argument("--shards", type=int, default=None,
                     help="replay processes (default: as the replay picks: up to the cores for big inputs)")
-    ap.add_argument("--scaling", action="store_true", help="also replay a tenth of the events")
+    ap.add_argument("--no-scaling", dest="scaling", action="store_false",
+                    help="skip the second run with a tenth of the events (the memory comparison)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "replay.json"))
     ap.add_argument("--tmp", default=None, help="folder for the generated input and the report")
     a = ap.parse_args(argv)
