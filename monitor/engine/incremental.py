@@ -109,8 +109,8 @@ class IncrementalEngine(Engine):
         """Per rule: ``incremental`` with what its state keeps, or ``reference`` and why.
 
         >>> from monitor.policy import load_policy_text
-        >>> eng = IncrementalEngine(load_policy_text('raise "x" if:\\n    (m: Message)\\n'
-        ...     '    count(min=2):\\n        (t: ToolCall)\\n'))
+        >>> eng = IncrementalEngine(load_policy_text('from invariant import count\\n'
+        ...     'raise "x" if:\\n    (m: Message)\\n    count(min=2):\\n        (t: ToolCall)\\n'))
         >>> [(i.engine, i.reason.split(" (")[0]) for i in eng.explain()]
         [('reference', 'a quantifier')]
         """
