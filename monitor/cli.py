@@ -165,7 +165,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
     from monitor.client import wait_for_broker
-    from monitor.topics import TopicProvisioningError, create_topics, parse_partition_overrides
+    from monitor.topics import (
+        TopicProvisioningError,
+        create_topics,
+        parse_partition_overrides,
+    )
 
     try:
         overrides: dict[str, int] = parse_partition_overrides(args.partition or [])

@@ -40,14 +40,21 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from monitor.config import DEFAULT_PREFIX, TopicNames, env_bootstrap
-from monitor.models import Alert, BatchMetadata, DeadLetter, EventBatch, SourceRef, Verdict
+from monitor.models import (
+    Alert,
+    BatchMetadata,
+    DeadLetter,
+    EventBatch,
+    SourceRef,
+    Verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +202,18 @@ def _end_offsets(consumer: Any, topic: str, parts: list[int], timeout: float) ->
     return ends
 
 
+def _resolve(fut: Future[Verdict], outcome: Verdict | BaseException) -> None:
+    # an asyncio waiter that timed out cancels its future concurrently: never let that race
+    # raise InvalidStateError in the listener thread
+    try:
+        if isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)
+    except InvalidStateError:
+        pass
+
+
 class _VerdictListener:
     """A background consumer of the verdicts topic that resolves futures keyed by
     ``(session_id, batch_id)``. It is positioned at the end of every partition before it returns
@@ -259,7 +278,7 @@ class _VerdictListener:
         while not self._stop.is_set():
             try:
                 msg = self._consumer.poll(0.2)
-            except Exception:  # noqa: BLE001 - keep listening; waiters time out on their own
+            except Exception:
                 log.exception("verdict consumer poll failed")
                 time.sleep(0.5)
                 continue
@@ -279,8 +298,7 @@ class _VerdictListener:
             with self._lock:
                 waiting = self._waiters.pop((verdict.session_id, verdict.batch_id), [])
             for fut in waiting:
-                if not fut.done():
-                    fut.set_result(verdict)
+                _resolve(fut, verdict)
 
     def close(self) -> None:
         self._stop.set()
@@ -293,8 +311,7 @@ class _VerdictListener:
             waiting = [f for fs in self._waiters.values() for f in fs]
             self._waiters.clear()
         for fut in waiting:
-            if not fut.done():
-                fut.set_exception(MonitorError("the client was closed while waiting for a verdict"))
+            _resolve(fut, MonitorError("the client was closed while waiting for a verdict"))
 
 
 class MonitorClient:
@@ -328,6 +345,8 @@ class MonitorClient:
         self._listener: _VerdictListener | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self.last_partition: int | None = None
+        self.last_offset: int | None = None
 
     # -- connections (lazy) ------------------------------------------------------------------
 
@@ -411,8 +430,8 @@ class MonitorClient:
             if err.code() in _UNREACHABLE_CODES():
                 raise BrokerUnreachable(self.bootstrap_servers, timeout or 30.0, err.str())
             raise PublishError(f"{self.topics.events}: batch {batch.batch_id!r} not delivered: {err.str()}")
-        self.last_partition: int = outcome["msg"].partition()
-        self.last_offset: int = outcome["msg"].offset()
+        self.last_partition = outcome["msg"].partition()
+        self.last_offset = outcome["msg"].offset()
         return batch
 
     def submit(self, session_id: str, events: Sequence[Mapping[str, Any] | BaseModel],
@@ -520,20 +539,20 @@ class MonitorClient:
         if listener is not None:
             listener.close()
 
-    def __enter__(self) -> "MonitorClient":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def __aenter__(self) -> "MonitorClient":
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.close)
 
 
-def _UNREACHABLE_CODES() -> tuple[int, ...]:  # noqa: N802 - a constant computed on first use
+def _UNREACHABLE_CODES() -> tuple[int, ...]:
     from confluent_kafka import KafkaError
 
     return (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._MSG_TIMED_OUT)
@@ -583,7 +602,7 @@ class RecordConsumer(Generic[M]):
         self._consumer: Any = None
         self._stop = threading.Event()
 
-    def open(self) -> "RecordConsumer[M]":
+    def open(self) -> Self:
         """Connect and assign the partitions (done by iteration or ``with`` if not called)."""
         if self._consumer is not None:
             return self
@@ -658,7 +677,7 @@ class RecordConsumer(Generic[M]):
             self._consumer.close()
             self._consumer = None
 
-    def __enter__(self) -> "RecordConsumer[M]":
+    def __enter__(self) -> Self:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
@@ -720,7 +739,17 @@ def dumps_record(record: BaseModel) -> str:
 
 
 __all__ = [
-    "AlertConsumer", "BrokerUnreachable", "CONSUMERS", "DeadLetterConsumer", "MonitorClient", "MonitorError",
-    "PublishError", "RecordConsumer", "TopicMissing", "VerdictConsumer", "VerdictTimeout", "producer_config",
+    "CONSUMERS",
+    "AlertConsumer",
+    "BrokerUnreachable",
+    "DeadLetterConsumer",
+    "MonitorClient",
+    "MonitorError",
+    "PublishError",
+    "RecordConsumer",
+    "TopicMissing",
+    "VerdictConsumer",
+    "VerdictTimeout",
+    "producer_config",
     "wait_for_broker",
 ]

@@ -40,7 +40,14 @@ from pydantic import BaseModel, ValidationError
 
 from monitor.client import MonitorError
 from monitor.models import Alert, DeadLetter, EventBatch, Verdict
-from monitor.samples import Expectation, SampleError, SampleSession, is_sample, load_sample, load_samples
+from monitor.samples import (
+    Expectation,
+    SampleError,
+    SampleSession,
+    is_sample,
+    load_sample,
+    load_samples,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -204,7 +211,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.ready_line = ""
 
-    def start(self, new_session: bool = False) -> "WorkerProcess":
+    def start(self, new_session: bool = False) -> WorkerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "ab") as err, open(self.out_path, "ab") as out:
             self.proc = subprocess.Popen(
@@ -325,7 +332,12 @@ def run_demo(policy: str | None = None, sessions: str | None = None, keep: bool 
     from rich.console import Console
     from rich.markup import escape
 
-    from monitor.client import AlertConsumer, MonitorClient, VerdictTimeout, wait_for_broker
+    from monitor.client import (
+        AlertConsumer,
+        MonitorClient,
+        VerdictTimeout,
+        wait_for_broker,
+    )
     from monitor.topics import create_topics
 
     console = Console(highlight=False)

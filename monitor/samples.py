@@ -78,7 +78,7 @@ class SampleSession(BaseModel):
     path: str | None = Field(default=None, exclude=True, description="the file it came from")
 
     @model_validator(mode="after")
-    def _one_expectation_per_batch(self) -> "SampleSession":
+    def _one_expectation_per_batch(self) -> SampleSession:
         if len(self.expect) != len(self.batches):
             raise ValueError(f"{len(self.batches)} batches but {len(self.expect)} expectations: "
                              "give exactly one expectation per batch")
@@ -153,7 +153,7 @@ class BatchOutcome(BaseModel):
     problem: str | None = None
 
 
-async def averify_sample(sample: SampleSession, policy_folder: "str | Path | PolicySet",
+async def averify_sample(sample: SampleSession, policy_folder: str | Path | PolicySet,
                          engine: str = "reference", keep_denied: bool = False) -> list[BatchOutcome]:
     """Evaluate a sample batch by batch as the worker does (a denied batch does not join the past
     unless ``keep_denied``) and compare each batch with its expectation.
@@ -185,7 +185,7 @@ async def averify_sample(sample: SampleSession, policy_folder: "str | Path | Pol
         eng.close()
 
 
-def verify_sample(sample: SampleSession, policy_folder: "str | Path | PolicySet",
+def verify_sample(sample: SampleSession, policy_folder: str | Path | PolicySet,
                   engine: str = "reference", keep_denied: bool = False) -> list[BatchOutcome]:
     """Blocking form of :func:`averify_sample`.
 

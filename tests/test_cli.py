@@ -99,7 +99,7 @@ def test_module_entry_point_reports_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gr"
     bad.write_text(BAD_POLICY)
     proc = subprocess.run([sys.executable, "-m", "monitor.cli", "policy", "check", str(bad)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert proc.returncode == 2
     assert f"{bad}:" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Self
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
@@ -135,7 +136,7 @@ class FakeResponder:
             self.producer.flush(10)
             self.answered += 1
 
-    def __enter__(self) -> "FakeResponder":
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -300,9 +301,9 @@ def closed_port() -> int:
 def test_unreachable_broker_is_a_clear_error() -> None:
     address = f"127.0.0.1:{closed_port()}"
     start = time.monotonic()
-    with MonitorClient(address, prefix="nowhere", connect_timeout=1.5) as c:
-        with pytest.raises(BrokerUnreachable) as info:
-            c.submit("s", [USER])
+    with MonitorClient(address, prefix="nowhere", connect_timeout=1.5) as c, \
+            pytest.raises(BrokerUnreachable) as info:
+        c.submit("s", [USER])
     assert time.monotonic() - start < 10
     assert address in str(info.value) and "agent-monitor broker start" in str(info.value)
     with pytest.raises(BrokerUnreachable, match=address):
@@ -310,6 +311,6 @@ def test_unreachable_broker_is_a_clear_error() -> None:
 
 
 def test_missing_topics_are_named(kafka_bootstrap: str, topic_prefix: str) -> None:
-    with MonitorClient(kafka_bootstrap, prefix=topic_prefix, connect_timeout=2) as c:
-        with pytest.raises(TopicMissing, match=rf"{topic_prefix}\.verdicts.*topics create"):
-            c.check("s", [USER], timeout=2)
+    with MonitorClient(kafka_bootstrap, prefix=topic_prefix, connect_timeout=2) as c, \
+            pytest.raises(TopicMissing, match=rf"{topic_prefix}\.verdicts.*topics create"):
+        c.check("s", [USER], timeout=2)
