@@ -155,9 +155,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = WorkerSettings(**{k: v for k, v in fields.items() if v is not None})
     print(f"agent-monitor: serving {', '.join(sorted(p.policy_id for p in policies.all()))} on "
           f"{settings.topics.events} at {bootstrap} ({settings.engine} engine)", file=sys.stderr)
+    from monitor.topics import TopicProvisioningError
     from monitor.worker import run_worker
 
-    run_worker(settings)
+    try:
+        run_worker(settings)
+    except TopicProvisioningError as exc:  # existing topics contradict the spec: a person decides
+        raise CliError(str(exc), EXIT_FAILED) from None
     return EXIT_OK
 
 
