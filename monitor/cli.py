@@ -139,9 +139,9 @@ def _console(stderr: bool = False, width: int = 120) -> Any:
 def cmd_run(args: argparse.Namespace) -> int:
     from monitor.client import wait_for_broker
     from monitor.config import WorkerSettings
-    from monitor.policy import load_policy_set
 
-    policies = load_policy_set(args.policy)  # refuse a bad policy before touching Kafka
+    # refuse a bad policy before touching Kafka (the worker loads the full policy set itself)
+    policies = _policies_of(args.policy)
     bootstrap = _bootstrap_of(args)
     wait_for_broker(bootstrap, args.connect_timeout)
     fields: dict[str, Any] = {
@@ -153,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "max_record_bytes": args.max_record_bytes, "create_topics": not args.no_create_topics,
     }
     settings = WorkerSettings(**{k: v for k, v in fields.items() if v is not None})
-    print(f"agent-monitor: serving {', '.join(sorted(p.policy_id for p in policies.all()))} on "
+    print(f"agent-monitor: serving {', '.join(p.policy_id for p in policies)} on "
           f"{settings.topics.events} at {bootstrap} ({settings.engine} engine)", file=sys.stderr)
     from monitor.topics import TopicProvisioningError
     from monitor.worker import run_worker
@@ -309,11 +309,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
 # -- policy -------------------------------------------------------------------------------------
 
 def _policies_of(path: str) -> list[Any]:
-    from monitor.policy import load_policy, load_policy_set
+    from monitor.demo import parse_policies
 
-    if Path(path).is_dir():
-        return sorted(load_policy_set(path).by_id.values(), key=lambda p: p.policy_id)
-    return [load_policy(path)]
+    return parse_policies(path)
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:

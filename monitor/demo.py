@@ -40,6 +40,7 @@ from pydantic import BaseModel, ValidationError
 
 from monitor.client import MonitorError
 from monitor.models import Alert, DeadLetter, EventBatch, Verdict
+from monitor.policy import LoadedPolicy
 from monitor.samples import (
     Expectation,
     SampleError,
@@ -292,11 +293,33 @@ def _load_sessions(path: Path) -> list[SampleSession]:
     return [load_sample(path)] if path.is_file() else load_samples(path)
 
 
-def _served_ids(policy_path: Path) -> tuple[set[str], Any]:
-    from monitor.policy import load_policy_set
+def parse_policies(path: str | Path) -> list[LoadedPolicy]:
+    """Each policy file of ``path`` (a file, or a folder's files in name order) parsed once, as
+    ``policy check`` and ``run`` validate before anything starts; a file that does not parse raises
+    PolicyLoadError naming it and the line. (The worker then loads the full policy set.)
 
-    policies = load_policy_set(policy_path)
-    return {p.policy_id for p in policies.all()}, policies
+    >>> [p.policy_id for p in parse_policies(EXAMPLES / "policies")][:2]
+    ['copyright', 'direct_succession']
+    """
+    from monitor.policy import PolicyLoadError, load_policy_text, policy_files
+
+    loaded = []
+    for f in policy_files(path):
+        try:
+            text = f.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyLoadError(f"{f}: cannot read the policy: {exc}", str(f)) from None
+        loaded.append(load_policy_text(text, policy_id=f.stem, source=str(f)))
+    return loaded
+
+
+def _served_ids(policy_path: Path) -> set[str]:
+    """The policy ids a worker serving ``policy_path`` answers to (file stems, and a folder's name
+    for all files combined)."""
+    ids = {p.policy_id for p in parse_policies(policy_path)}
+    if policy_path.is_dir():
+        ids.add(policy_path.name)
+    return ids
 
 
 def _resolve_broker(bootstrap: str | None, keep: bool, console: Any) -> tuple[str, Any]:
@@ -345,7 +368,7 @@ def run_demo(policy: str | None = None, sessions: str | None = None, keep: bool 
         console.width = 120
     policy_path = Path(policy) if policy else EXAMPLES / "policies"
     sessions_path = Path(sessions) if sessions else EXAMPLES / "sessions"
-    served, _policies = _served_ids(policy_path)  # a bad policy stops the demo before any broker starts
+    served = _served_ids(policy_path)  # a bad policy stops the demo before any broker starts
     samples = _load_sessions(sessions_path)
     playable = [s for s in samples if s.policy in served]
     for s in samples:
