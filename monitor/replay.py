@@ -743,14 +743,15 @@ class _Progress:
             self.task = self.bar.add_task("replay", total=total or None, events=0, rate=0.0)
             self.bar.start()
 
-    def update(self, done: int, events: int, force: bool = False) -> None:
+    def update(self, done: int, events: int, force: bool = False, total: int | None = None) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
         if force or now - self.last > 0.2:
             self.last = now
             rate = events / (now - self.t0) if now > self.t0 else 0.0
-            self.bar.update(self.task, completed=done, events=events, rate=rate)
+            self.bar.update(self.task, completed=done, events=events, rate=rate,
+                            **({"total": total} if total else {}))
 
     def close(self) -> None:
         if self.enabled:
@@ -807,7 +808,7 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
                           other: PolicySet | None = None) -> _ShardSummary:
     """Read the input, evaluate the sessions of this shard, spool per-batch results to SQLite.
 
-    ``report(done, events)`` is called now and then with progress (bytes or records read).
+    ``report(done, events[, total])`` is called now and then with progress (bytes or records read).
     """
     options = req.options()
     policies = policies or load_policy_set(req.policy)
@@ -819,6 +820,8 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
     else:
         source = FileSource(req.inputs, trace_batch=req.trace_batch, max_record_bytes=req.max_record_bytes,
                             shard=(shard, shards))
+    if report is not None and isinstance(source, KafkaSource):
+        report(0, 0, source.total)  # the records to read are known once the range is planned
     main = Evaluator(policies, options, req.policy)
     alt = Evaluator(other, options, req.compare or "") if other else None
     publisher = None
@@ -922,7 +925,7 @@ def _shard_child(req: ReplayRequest, shard: int, shards: int, db_dir: str, progr
     """Entry of a shard process (forked): the summary (or the error) goes to a pickle file."""
     path = os.path.join(db_dir, f"shard-{shard}.pickle")
 
-    def report(done: int, events: int) -> None:
+    def report(done: int, events: int, total: int | None = None) -> None:
         progress[2 * shard], progress[2 * shard + 1] = done, events
 
     try:
@@ -953,11 +956,13 @@ def _run_shards(req: ReplayRequest, shards: int, workdir: str, policies: PolicyS
         ranges = [r for r in plan.ranges]
         shards = min(shards, len(ranges)) or 1
     total = FileSource(req.inputs).total if not req.topic else 0
+    if req.topic and shards > 1:
+        total = sum(r.end - r.start for r in ranges)
     if shards == 1:
         progress = _Progress(req.progress, total, "records" if req.topic else "bytes")
         try:
             return [asyncio.run(_evaluate_shard(req, 0, 1, workdir,
-                                                lambda d, e: progress.update(d, e, force=True),
+                                                lambda d, e, t=None: progress.update(d, e, True, t),
                                                 policies, other))]
         finally:
             progress.close()
@@ -1040,7 +1045,9 @@ def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
                          batches=v[2], sessions=len(v[3]))
                for k, v in sorted(rules.items(), key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2]))],
     )
-    inputs = Inputs(kafka=first.kafka) if req.topic else Inputs(roots=list(req.inputs), files=first.files)
+    kafka = first.kafka.model_copy(update={"from_time": req.from_time, "to_time": req.to_time}) \
+        if first.kafka is not None else None
+    inputs = Inputs(kafka=kafka) if req.topic else Inputs(roots=list(req.inputs), files=first.files)
     manifest = Manifest(
         created_at=req.created_at or now_iso(), command=list(req.command), versions=versions(),
         engine=first.engine, policy=_policy_ref(req.policy, policies),

@@ -96,6 +96,10 @@ def test_topic_replay_reads_committed_records_in_range_and_lists_bad_ones(kafka_
 
     v = verify_report(tmp_path / "report.json")
     assert v.ok, v.problems
+    # two processes, partitions dealt out between them: the same report
+    sharded = _replay(tmp_path, kafka_bootstrap, t.events, name="sharded.json", shards=2)
+    assert sharded.model_dump(exclude={"manifest"}) == full.model_dump(exclude={"manifest"})
+    assert sharded.manifest.inputs == full.manifest.inputs
 
     recent = _replay(tmp_path, kafka_bootstrap, t.events, name="recent.json", from_time=str(cut))
     rs = {s.session_id: [b.batch_id for b in s.batches] for s in recent.sessions}
