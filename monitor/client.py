@@ -347,6 +347,7 @@ class MonitorClient:
         self._closed = False
         self.last_partition: int | None = None
         self.last_offset: int | None = None
+        self.delivery_errors: list[str] = []
 
     # -- connections (lazy) ------------------------------------------------------------------
 
@@ -396,8 +397,12 @@ class MonitorClient:
         return EventBatch(session_id=session_id, batch_id=batch_id or uuid.uuid4().hex, seq=seq,
                           events=evs, policy=policy, metadata=meta)
 
-    def publish(self, batch: EventBatch, timeout: float | None = None) -> EventBatch:
-        """Publish a prepared batch and wait until Kafka acknowledges it (acks=all)."""
+    def publish(self, batch: EventBatch, timeout: float | None = None, wait: bool = True) -> EventBatch:
+        """Publish a prepared batch and wait until Kafka acknowledges it (acks=all).
+
+        ``wait=False`` returns at once (for throughput); a later delivery failure is logged and
+        appended to ``delivery_errors``, and :meth:`flush` waits for the outstanding records.
+        """
         producer = self._get_producer()
         done = threading.Event()
         outcome: dict[str, Any] = {}
@@ -405,6 +410,10 @@ class MonitorClient:
         def delivered(err: Any, msg: Any) -> None:
             outcome["err"], outcome["msg"] = err, msg
             done.set()
+            if err is not None and not wait:
+                self.delivery_errors.append(f"batch {batch.batch_id!r}: {err.str()}")
+                log.error("%s: batch %r of session %r not delivered: %s", self.topics.events,
+                          batch.batch_id, batch.session_id, err.str())
 
         from confluent_kafka import KafkaException
 
@@ -418,6 +427,9 @@ class MonitorClient:
                 producer.poll(0.1)
             except KafkaException as exc:
                 raise PublishError(f"cannot publish to {self.topics.events}: {_kafka_error_text(exc)}") from None
+        if not wait:
+            producer.poll(0)
+            return batch
         deadline = time.monotonic() + (timeout if timeout is not None else 35.0)
         # whichever thread polls serves the callbacks, so concurrent publishers all make progress
         while not done.is_set():
@@ -436,12 +448,14 @@ class MonitorClient:
 
     def submit(self, session_id: str, events: Sequence[Mapping[str, Any] | BaseModel],
                batch_id: str | None = None, seq: int | None = None, policy: str | None = None,
-               metadata: Mapping[str, Any] | BatchMetadata | None = None) -> EventBatch:
+               metadata: Mapping[str, Any] | BatchMetadata | None = None, *, wait: bool = True) -> EventBatch:
         """Publish one batch of a session's events (keyed by ``session_id``); returns the record.
 
         ``batch_id`` is the idempotency key (default: a fresh uuid4): publishing the same batch id
         again yields the same verdict, never a second one. ``seq`` lets the worker check order;
         ``policy`` picks a policy id the worker serves; ``metadata`` carries agent/tenant/user.
+        Returns once Kafka acknowledged the record, or at once with ``wait=False`` (then call
+        :meth:`flush` before exiting).
 
         Example (needs a broker)::
 
@@ -449,7 +463,7 @@ class MonitorClient:
             print(batch.batch_id)
         """
         batch = self.make_batch(session_id, events, batch_id, seq, policy, metadata)
-        return self.publish(batch)
+        return self.publish(batch, wait=wait)
 
     def expect(self, session_id: str, batch_id: str) -> Future[Verdict]:
         """A future resolved by the verdict of ``(session_id, batch_id)``; call it *before*

@@ -153,6 +153,11 @@ def test_submit_lands_on_the_murmur2_partition(kafka_bootstrap: str, topics: Top
     for s in sessions:
         for seq in range(2):
             sent.append(client.submit(s, [USER], seq=seq, policy="p", metadata={"agent": "test"}))
+    # fire and forget, then flush: lands the same way
+    extra = [client.submit(f"nowait-{i}", [USER], policy="p", metadata={"agent": "test"}, wait=False)
+             for i in range(6)]
+    assert client.flush(30) == 0 and client.delivery_errors == []
+    sent += extra
     records = read_all(kafka_bootstrap, topics.events, len(sent))
     assert len(records) == len(sent)
     aiokafka_partitioner = DefaultPartitioner()
