@@ -207,3 +207,14 @@ def test_join_conditions_see_kept_events():
     assert differences(policy, engine, trace, [1, 2, 3]) == []
     _, results = feed(engine, trace)
     assert [m.key for m in results[2].matches] == ["(0, (0, 2))"]
+
+
+def test_a_state_of_another_policy_text_is_not_misread():
+    first = IncrementalEngine(load_policy_text(SEND), offload=False)
+    state, _ = feed(first, [user("send")])
+    assert len(state.log) == 1
+    other = IncrementalEngine(load_policy_text(ONE + "\n" + SEND), offload=False)
+    result = run(other, state, [user("bad, send it")])
+    assert [m.key for m in result.matches] == ["(0, (1,))"]
+    after = result.advance(state)
+    assert after.log_start == 1 and [e["r"] for e in after.log] == [1]

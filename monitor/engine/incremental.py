@@ -91,6 +91,7 @@ class IncrementalEngine(Engine):
         self.compiled: list[CompiledRule] = [p.compiled for p in self.plans if p.compiled]
         self.fallback: list[int] = [p.index for p in self.plans if p.compiled is None]
         self._ctx = DirectContext(self.local.rule_set.symbol_table)
+        self._tag = policy.sha256[:16]  # ties a state's candidates to this policy text
         self._sub = None
         self._thread = None
         if self.fallback:
@@ -127,7 +128,11 @@ class IncrementalEngine(Engine):
 
     async def check(self, state: SessionState, pending: list[dict[str, Any]]) -> CheckResult:
         """Evaluate ``pending`` after the session's past (see the module docstring)."""
-        head = state.head if state.head.get("v") == STATE_VERSION else self._fresh_head()
+        head, log = state.head, state.log
+        if head.get("v") != STATE_VERSION or head.get("p") != self._tag:
+            # a state of another policy text (hot reload) or version: its candidates name other
+            # rules, so start afresh and let the log's old entries go
+            head, log = self._fresh_head(), []
         length = state.length
         try:
             parsed, last_call = parse_batch(pending, length, head.get("lc"))
@@ -139,7 +144,7 @@ class IncrementalEngine(Engine):
         # what the log holds, by rule and variable (candidates) and raw events for fallback rules
         old: dict[tuple[int, int], list[dict]] = {}
         raw_entries: list[tuple[int, dict]] = []
-        for pos, entry in enumerate(state.log):
+        for pos, entry in enumerate(log):
             t = entry.get("t")
             if t == "c":
                 old.setdefault((entry["r"], entry["v"]), []).append(entry)
@@ -171,7 +176,7 @@ class IncrementalEngine(Engine):
                     if kept:
                         new_tail.setdefault(str(rule.index), {})[str(v)] = kept
 
-        log_start = state.log_start
+        log_start = state.log_start + (len(state.log) - len(log))
         if self.fallback:
             matches.extend(await self._run_fallback(raw_entries, length, pending))
             appended.extend({"t": "e", "i": length + k, "e": e} for k, e in enumerate(pending))
@@ -180,11 +185,12 @@ class IncrementalEngine(Engine):
             stale = [(pos, e) for pos, e in raw_entries if e["i"] < total - self.max_history]
             if len(stale) > max(self.max_history, 64):
                 cut = stale[-1][0] + 1
-                carried = [e for e in state.log[:cut] if e.get("t") == "c"]
+                carried = [e for e in log[:cut] if e.get("t") == "c"]
                 appended = carried + appended
                 log_start = state.log_start + cut
 
-        new_head = {"v": STATE_VERSION, "flat": flat_end, "lc": last_call, "tail": new_tail}
+        new_head = {"v": STATE_VERSION, "p": self._tag, "flat": flat_end, "lc": last_call,
+                    "tail": new_tail}
         return CheckResult(matches=matches, head=new_head, appended=appended, log_start=log_start,
                            pending_len=len(pending), engine=self.name)
 
@@ -194,9 +200,8 @@ class IncrementalEngine(Engine):
 
     # -- internals -------------------------------------------------------------------------
 
-    @staticmethod
-    def _fresh_head() -> dict[str, Any]:
-        return {"v": STATE_VERSION, "flat": 0, "lc": None, "tail": {}}
+    def _fresh_head(self) -> dict[str, Any]:
+        return {"v": STATE_VERSION, "p": self._tag, "flat": 0, "lc": None, "tail": {}}
 
     def _needs_raw(self) -> bool:
         return any(r.needs_object for r in self.compiled)
