@@ -417,17 +417,51 @@ class Outcome:
     joined: bool
 
 
-class _CompactTable(dict):
-    """The session table of a replay: recent verdicts kept as JSON text, a third of the dict's size."""
+class _SpillTable(dict):
+    """The session table of a replay: heads and engine state in memory, verdicts on disk.
+
+    The worker remembers each session's recent verdicts (to repeat one for a redelivered batch);
+    they are read only for an actual duplicate, so a replay keeps them in SQLite and memory holds
+    just what the open sessions need to go on.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        super().__init__()
+        self.db = sqlite3.connect(path or ":memory:")
+        self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+                              "CREATE TABLE IF NOT EXISTS v (k TEXT PRIMARY KEY, j TEXT)")
+        self.pending: dict[str, str] = {}
+
+    FLUSH = 20_000  # verdicts buffered before a write
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if key[:1] == "v":  # verdict records (monitor.state.verdict_key)
-            value = json.dumps(value, separators=(",", ":"))
-        super().__setitem__(key, value)
+        if key[:1] != "v":  # monitor.state.verdict_key
+            return super().__setitem__(key, value)
+        self.pending[key] = json.dumps(value, separators=(",", ":"))
+        if len(self.pending) >= self.FLUSH:
+            self.flush()
 
     def get(self, key: str, default: Any = None) -> Any:
-        value = super().get(key, default)
-        return json.loads(value) if key[:1] == "v" and isinstance(value, str) else value
+        if key[:1] != "v":
+            return super().get(key, default)
+        raw = self.pending.get(key)
+        if raw is None:
+            row = self.db.execute("SELECT j FROM v WHERE k=?", (key,)).fetchone()
+            raw = row[0] if row else None
+        return json.loads(raw) if raw is not None else default
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key[:1] != "v":
+            return super().pop(key, *default)
+        # a forgotten verdict is never read again (the head no longer lists its batch): leave it
+        return self.pending.pop(key, None)
+
+    def flush(self) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO v VALUES (?, ?)", self.pending.items())
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.db.close()
 
 
 class Evaluator:
@@ -437,7 +471,8 @@ class Evaluator:
     budget, fail-closed, whether a denied batch joins the past - is the worker's code, not a copy.
     """
 
-    def __init__(self, policies: PolicySet, options: ReplayOptions, policy_path: str = "<replay>") -> None:
+    def __init__(self, policies: PolicySet, options: ReplayOptions, policy_path: str = "<replay>",
+                 spill: str | None = None) -> None:
         from monitor.config import WorkerSettings
         from monitor.worker import Evaluator as WorkerEvaluator
 
@@ -450,7 +485,8 @@ class Evaluator:
             budget_ms=options.budget_ms or 1e12,
         )
         self.worker = WorkerEvaluator(policies, self.settings)
-        self.store = SessionStore(_CompactTable(), verdict_memory=options.verdict_memory)
+        self.table = _SpillTable(spill)
+        self.store = SessionStore(self.table, verdict_memory=options.verdict_memory)
         self.lengths: dict[tuple[str, str | None], int] = {}
 
     def engine_names(self) -> str:
@@ -474,6 +510,7 @@ class Evaluator:
 
     def close(self) -> None:
         self.worker.close()
+        self.table.close()
 
 
 def rejected_result(rej: Any, source: str) -> BatchResult:
@@ -822,8 +859,9 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
                             shard=(shard, shards))
     if report is not None and isinstance(source, KafkaSource):
         report(0, 0, source.total)  # the records to read are known once the range is planned
-    main = Evaluator(policies, options, req.policy)
-    alt = Evaluator(other, options, req.compare or "") if other else None
+    main = Evaluator(policies, options, req.policy, os.path.join(db_dir, f"verdicts-{shard}.sqlite"))
+    alt = Evaluator(other, options, req.compare or "", os.path.join(db_dir, f"verdicts-{shard}-b.sqlite")) \
+        if other else None
     publisher = None
     if req.publish_prefix:
         bootstrap = req.publish_bootstrap or req.bootstrap_servers

@@ -134,7 +134,11 @@ def test_folder_of_mixed_files_names_sessions_by_relative_path(tmp_path, send_po
     assert bad.file == str(d / "broken.json") and bad.line == 1
 
 
-def test_duplicate_batch_repeats_its_verdict_and_does_not_advance(tmp_path, send_policy):
+@pytest.mark.parametrize("flush", [20_000, 1])  # 1: every remembered verdict is read back from disk
+def test_duplicate_batch_repeats_its_verdict_and_does_not_advance(tmp_path, send_policy, monkeypatch, flush):
+    from monitor import replay as replay_module
+
+    monkeypatch.setattr(replay_module._SpillTable, "FLUSH", flush)
     f = tmp_path / "dup.jsonl"
     f.write_text("\n".join([
         record("s", "1", [user("send")]),
@@ -179,6 +183,16 @@ def test_policy_errors_and_unknown_policy_ids_deny_with_a_reason(tmp_path):
     assert [x.decision for x in b] == ["allow", "deny", "deny"]
     assert b[1].reason.startswith("the policy raised an error: TypeError") and not b[1].violations
     assert "unknown policy 'nope'" in b[2].reason
+
+
+def test_verdict_memory_forgets_old_batch_ids_like_the_worker(tmp_path, send_policy):
+    f = tmp_path / "mem.jsonl"
+    f.write_text("\n".join([record("s", "1", [user("send")]), record("s", "2", [user("hi")]),
+                            record("s", "3", [user("hi")]), record("s", "1", [call("send_email")])]) + "\n")
+    report, _ = replay(tmp_path, [f], send_policy, verdict_memory=2)
+    b = batches(report, "s")
+    # batch id 1 fell out of the 2 remembered ids: evaluated again, not repeated
+    assert [(x.decision, x.duplicate) for x in b] == [("allow", False)] * 3 + [("deny", False)]
 
 
 def test_out_of_order_seq_is_denied_as_the_worker_does(tmp_path, send_policy):
