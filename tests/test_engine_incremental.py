@@ -132,7 +132,10 @@ def test_state_keeps_only_what_rules_still_need_and_is_json():
                    {"role": "tool", "tool_call_id": f"c{k}", "content": "sent to Peter"}]
     state, results = feed(engine, events, batch=3)
     # SEND keeps the one user message that said "send"; DIRECT and ONE keep nothing in the log
-    assert [(e["t"], e["r"], e["i"]) for e in state.log] == [("c", 0, 9)]
+    live = [(e["t"], e["r"], e["i"]) for e in state.log if e.get("k") != "F"]
+    assert live == [("c", 0, 9)]
+    # besides, per failing condition the earliest event that failed it (for error semantics)
+    assert [(e["r"], e["i"], e["st"]) for e in state.log if e.get("k") == "F"] == [(0, 0, 2), (0, 1, 1)]
     assert state.head["tail"] == {} or all(len(v) <= 1 for r in state.head["tail"].values()
                                           for v in r.values())
     assert len(state.model_dump_json()) < 1000
@@ -147,7 +150,7 @@ def test_fallback_window_and_candidates_coexist_in_the_log():
     engine = IncrementalEngine(policy, max_history=8, offload=False)
     events = [user("send this")] + [{"role": "assistant", "content": f"step {k}"} for k in range(200)]
     state, _ = feed(engine, events, batch=2)
-    kinds = [e["t"] for e in state.log]
+    kinds = [e["t"] for e in state.log if e.get("k") != "F"]
     assert kinds.count("c") == 1  # the "send" candidate survived every compaction
     assert 8 <= kinds.count("e") <= 8 + 65 + 2  # the raw window stays bounded
     final = run(engine, state, [user("hi"), call("send_email", "z"), call("send_email", "y")])

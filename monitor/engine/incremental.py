@@ -158,20 +158,21 @@ class IncrementalEngine(Engine):
         index = EventIndex()
         for el in elements:
             index.add(el.event, el.trace_idx)
+        objects: dict[int, Any] = {}  # kept events re-read this check, one object per trace index
 
         for rule in self.compiled:
             if rule.never:
                 continue
-            rule_matches, new_recs = await self._match_rule(
-                rule, elements, raw_prepared, old, head, index)
+            rule_matches, new_recs, new_witnesses = await self._match_rule(
+                rule, elements, raw_prepared, old, head, index, objects)
             matches.extend(rule_matches)
             tails = head["tail"].get(str(rule.index), {})
             for v, keep in enumerate(rule.keep):
                 if keep is None:
-                    for rec in new_recs[v]:
+                    for rec in sorted(new_recs[v] + new_witnesses[v], key=lambda r: r["f"]):
                         appended.append({"t": "c", "r": rule.index, "v": v, **rec})
                 elif keep > 0:
-                    kept = [r for r in tails.get(str(v), []) + new_recs[v]
+                    kept = [r for r in tails.get(str(v), []) + new_recs[v] + new_witnesses[v]
                             if r["f"] >= flat_end - keep]
                     if kept:
                         new_tail.setdefault(str(rule.index), {})[str(v)] = kept
@@ -226,13 +227,13 @@ class IncrementalEngine(Engine):
         if rec.get("k") != FALSE:
             i, order, p = object_place(el)
             rec["rg"].append([i, order, len(rule.conds) + v, 0, p])
-            if v in rule.needs_object and raw is not None:
-                rec["ev"] = raw[el.raw_pos]
+        if v in rule.needs_object and raw is not None:
+            rec["ev"] = raw[el.raw_pos]
         return rec
 
     async def _match_rule(self, rule: CompiledRule, elements: list[Element],
-                          raw: list[dict] | None, old: dict, head: dict,
-                          index: EventIndex) -> tuple[list[Match], list[list[dict]]]:
+                          raw: list[dict] | None, old: dict, head: dict, index: EventIndex,
+                          objects: dict) -> tuple[list[Match], list[list[dict]], list[list[dict]]]:
         nvars = len(rule.vars)
         new: list[list[_Cand]] = [[] for _ in range(nvars)]
         failed: list[list[_Cand]] = [[] for _ in range(nvars)]
@@ -242,26 +243,45 @@ class IncrementalEngine(Engine):
                     continue
                 rec = await self._own_record(rule, v, el, index, raw)
                 (failed if rec.get("k") == FALSE else new)[v].append(_Cand(rec, el, True))
-        stored = [[] for _ in range(nvars)]
+        # kept records: live candidates, and "witnesses" (events that failed an own condition,
+        # the earliest per failing position, and those in a ~> tail), which only matter when an
+        # own condition raises: invariant then aborts if any assignment reaches the error first
+        stored: list[list[_Cand]] = [[] for _ in range(nvars)]
+        witnesses: list[list[_Cand]] = [[] for _ in range(nvars)]
         for v, keep in enumerate(rule.keep):
             if keep is None:
-                stored[v] = [_Cand(r, None, False) for r in old.get((rule.index, v), [])]
+                kept = old.get((rule.index, v), [])
             elif keep > 0:
-                stored[v] = [_Cand(r, None, False)
-                             for r in head["tail"].get(str(rule.index), {}).get(str(v), [])]
+                kept = head["tail"].get(str(rule.index), {}).get(str(v), [])
+            else:
+                kept = []
+            for r in kept:
+                (witnesses if r.get("k") == FALSE else stored)[v].append(_Cand(r, None, False))
         new_recs = [[c.rec for c in new[v]] for v in range(nvars)]
-        if not any(new):
-            return [], new_recs
+        new_witnesses: list[list[dict]] = [[] for _ in range(nvars)]
+        for v, keep in enumerate(rule.keep):
+            if keep is None:
+                seen = {c.rec["st"] for c in witnesses[v]}
+                for c in failed[v]:
+                    if c.rec["st"] not in seen:
+                        seen.add(c.rec["st"])
+                        new_witnesses[v].append(c.rec)
+            elif keep and keep > 0:
+                new_witnesses[v] = [c.rec for c in failed[v]]
+        if not any(new) and not any(failed):
+            return [], new_recs, new_witnesses
 
         raising = any(c.rec.get("k") == RAISE for v in range(nvars) for c in new[v] + stored[v])
         if raising:
-            # an own condition raises somewhere: walk every assignment in body order, without
-            # pruning, so the error surfaces exactly where invariant's evaluation would hit it
+            # walk every assignment in body order, without pruning, so the error surfaces
+            # exactly where invariant's evaluation would hit it
             domains_new = [new[v] + failed[v] for v in range(nvars)]
+            stored = [stored[v] + witnesses[v] for v in range(nvars)]
+        elif not any(new):
+            return [], new_recs, new_witnesses
         else:
             domains_new = new
         matches: list[Match] = []
-        objects: dict[int, Any] = {}
         arrows = [c for c in rule.conds if c.kind == ARROW]
 
         def flow_ok(assign: list[_Cand | None]) -> bool:
@@ -290,22 +310,22 @@ class IncrementalEngine(Engine):
             assign[v] = None
 
         await visit(0, [None] * nvars, False)
-        return matches, new_recs
+        return matches, new_recs, new_witnesses
 
     async def _object(self, rule: CompiledRule, v: int, cand: _Cand, objects: dict,
                       index: EventIndex) -> Any:
         if cand.el is not None:
             return cand.el.obj
-        key = id(cand.rec)
-        if key not in objects:
-            rec = cand.rec
+        rec = cand.rec
+        # one object per trace index: variables bound to the same event share it, as in invariant
+        if rec["i"] not in objects:
             if "ev" not in rec:
                 raise EngineError(f"rule {rule.index}: a kept candidate lacks its event")
             parsed, _ = parse_batch([rec["ev"]], rec["i"], None)
-            event = parsed[0]
-            index.add(event, rec["i"])
-            objects[key] = event if rec["j"] < 0 else event.tool_calls[rec["j"]]
-        return objects[key]
+            objects[rec["i"]] = parsed[0]
+            index.add(parsed[0], rec["i"])
+        event = objects[rec["i"]]
+        return event if rec["j"] < 0 else event.tool_calls[rec["j"]]
 
     async def _walk(self, rule: CompiledRule, assign: list[_Cand], objects: dict,
                     index: EventIndex) -> Match | None:
