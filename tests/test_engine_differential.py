@@ -147,11 +147,13 @@ OWN = {
         '{v}.content is not None', 'not ("{w}" in {v}.content)',
         '"{w}" in {v}.content or {v}.role == "assistant"',
         '{v}.content is not None and len({v}.content) > 12',
+        'len({v}.content) > 12',  # raises on a message without content: the batch fails closed
         'any(["{w}" in {v}.content, "{w2}" in {v}.content])',
     ],
     "ToolCall": [
         '{v} is tool:{t}', '{v}.function.name == "{t}"', '{v}.function.name in ["{t}", "search"]',
         '"{w}" in {v}.function.arguments.arg', 'not ({v} is tool:{t})',
+        '"{w}" in {v}.function.arguments.other',  # raises where the argument is missing
     ],
     "ToolOutput": ['"{w}" in {v}.content', '{v}.content is not None', '{v}.role == "tool"'],
 }
@@ -211,15 +213,21 @@ def traces(draw, max_events: int) -> list[dict]:
     events = []
     calls = 0
     for _ in range(draw(st.integers(1, max_events))):
-        kind = draw(st.sampled_from(["user", "assistant", "calls", "call", "output"]))
+        kind = draw(st.sampled_from(["user", "assistant", "calls", "call", "output", "chunks"]))
         if kind in ("user", "assistant"):
             events.append({"role": kind, "content": _text(draw)})
+        elif kind == "chunks":
+            events.append({"role": draw(st.sampled_from(["user", "system"])), "content": [
+                {"type": "text", "text": _text(draw)} for _ in range(draw(st.integers(1, 2)))]})
         elif kind == "calls":
             tcs = []
             for _ in range(draw(st.integers(1, 2))):
                 calls += 1
+                args = {"arg": _text(draw)}
+                if draw(st.booleans()):
+                    args["other"] = _text(draw)
                 tcs.append({"id": f"c{calls}", "type": "function", "function": {
-                    "name": draw(st.sampled_from(TOOLS)), "arguments": {"arg": _text(draw)}}})
+                    "name": draw(st.sampled_from(TOOLS)), "arguments": args}})
             events.append({"role": "assistant", "content": draw(st.sampled_from([None, "ok then."])),
                            "tool_calls": tcs})
         elif kind == "call":

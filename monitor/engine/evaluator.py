@@ -43,18 +43,7 @@ def parse_batch(events: list[dict[str, Any]], first_idx: int,
     ``tool_call_id`` the id of the latest call before it, which may lie in an earlier batch.
     Returns the parsed events (``metadata.trace_idx`` set) and the new last call id.
     """
-    prepared = []
-    running = last_call_id
-    for event in events:
-        if isinstance(event, dict) and event.get("role") == "tool" and "tool_call_id" not in event:
-            event = {**event, "tool_call_id": running}
-        if isinstance(event, dict):
-            if event.get("role") not in (None, "tool"):
-                for call in event.get("tool_calls") or []:
-                    running = call.get("id") if isinstance(call, dict) else running
-            elif "role" not in event and "type" in event:
-                running = event.get("id")
-        prepared.append(event)
+    prepared, running = prepared_events(events, last_call_id)
     parsed = Input.parse_input(None, prepared)  # type: ignore[arg-type] - uses no instance state
     for k, event in enumerate(parsed):
         idx = first_idx + k
@@ -64,21 +53,23 @@ def parse_batch(events: list[dict[str, Any]], first_idx: int,
     return parsed, running
 
 
-def prepared_events(events: list[dict[str, Any]], last_call_id: str | None) -> list[dict[str, Any]]:
-    """The events with the implicit ``tool_call_id`` of tool outputs made explicit (for storage)."""
+def prepared_events(events: list[dict[str, Any]],
+                    last_call_id: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """The events with the implicit ``tool_call_id`` of tool outputs made explicit (what
+    ``Input.parse_input`` fills in from the latest call so far), and the last call id after them."""
     out = []
     running = last_call_id
     for event in events:
         if isinstance(event, dict) and event.get("role") == "tool" and "tool_call_id" not in event:
             event = {**event, "tool_call_id": running}
         if isinstance(event, dict):
-            if event.get("role") not in (None, "tool"):
+            if "role" in event and event.get("role") != "tool":
                 for call in event.get("tool_calls") or []:
                     running = call.get("id") if isinstance(call, dict) else running
             elif "role" not in event and "type" in event:
                 running = event.get("id")
         out.append(event)
-    return out
+    return out, running
 
 
 @dataclass

@@ -139,7 +139,7 @@ class IncrementalEngine(Engine):
         except Exception as exc:  # noqa: BLE001 - the reference fails the same way
             raise EngineError(f"{type(exc).__name__}: {exc}") from exc
         elements = flatten(parsed, head["flat"])
-        raw_prepared = prepared_events(pending, head.get("lc")) if self._needs_raw() else None
+        raw_prepared = prepared_events(pending, head.get("lc"))[0] if self._needs_raw() else None
 
         # what the log holds, by rule and variable (candidates) and raw events for fallback rules
         old: dict[tuple[int, int], list[dict]] = {}
