@@ -275,7 +275,8 @@ def test_cli_replay_and_verify(tmp_path, send_policy):
     f = tmp_path / "t.json"
     f.write_text(json.dumps([user("send"), call("send_email")]))
     out, html = tmp_path / "r.json", tmp_path / "r.html"
-    run = subprocess.run([sys.executable, "-m", "monitor.replay", "replay", str(f), "--policy", str(send_policy),
+    # through the project's CLI (monitor.cli loads replay's register_cli hook)
+    run = subprocess.run([sys.executable, "-m", "monitor.cli", "replay", str(f), "--policy", str(send_policy),
                           "--engine", "reference", "--out", str(out), "--html", str(html), "--progress"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -286,7 +287,7 @@ def test_cli_replay_and_verify(tmp_path, send_policy):
     assert manifest.command[:3] == ["agent-monitor", "replay", str(f)]
     assert manifest.versions["invariant-ai"] == "0.3.5"
     assert manifest.policy.sha256 == __import__("hashlib").sha256(SEND_RULE.encode()).hexdigest()
-    ok = subprocess.run([sys.executable, "-m", "monitor.replay", "verify", str(out)],
+    ok = subprocess.run([sys.executable, "-m", "monitor.cli", "verify", str(out)],
                         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert ok.returncode == 0 and ok.stdout.startswith("OK"), ok.stdout + ok.stderr
     f.write_text(json.dumps([user("hello"), call("send_email")]))
