@@ -10,6 +10,15 @@ join the past, a known batch id repeats its verdict) - and nothing is written to
 Memory stays bounded by the open sessions: batches are evaluated as they are read, and per-batch
 results go to a temporary SQLite file from which the sorted report is streamed at the end.
 
+Command line::
+
+    agent-monitor replay traces/ --policy policies/ --out audit.json --html audit.html
+    agent-monitor replay --prefix agent --bootstrap-servers kafka:9092 \\
+        --from-time 2026-11-21T00:00:00Z --to-time 2026-11-22T00:00:00Z --policy policies/ -o day.json
+    agent-monitor replay traces/ --policy live.gr --compare candidate.gr -o trial.json --html trial.html
+    agent-monitor replay --prefix agent --policy live.gr --publish audit-2026-11-22   # own topics
+    agent-monitor verify audit.json        # exit 0 iff inputs, policy and every verdict are the same
+
 Example (files)::
 
     >>> import json, tempfile, pathlib
