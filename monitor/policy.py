@@ -56,7 +56,18 @@ _LINE = re.compile(r"at line (\d+) col")
 _FILE_LINE = re.compile(r"^File [^\n]*:(\d+)$", re.M)
 
 
+_PARSED: dict[tuple[str, str | None], object] = {}
+
+
 def _parse(text: str, path: str | None):
+    """Parse once per (text, path): parsing costs 100-200 ms and a folder is read several ways."""
+    key = (text, path)
+    if key not in _PARSED:
+        _PARSED[key] = _parse_uncached(text, path)
+    return _PARSED[key]
+
+
+def _parse_uncached(text: str, path: str | None):
     from invariant.analyzer.policy import LocalPolicy
     from invariant.analyzer.stdlib.invariant.errors import PolicyLoadingError
 

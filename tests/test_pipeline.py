@@ -282,9 +282,9 @@ raise "pairs" if:
     (a: Message) -> (b: Message)
     a.content == "never" and b.content == "never"
 '''
-    many = [{"role": "user", "content": f"m{i}"} for i in range(250)]
+    many = [{"role": "user", "content": f"m{i}"} for i in range(300)]  # ~45,000 pairs: many seconds
     with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, slow), engine="reference",
-                       budget_ms=300):
+                       budget_ms=1500):
         produce_batches(kafka_bootstrap, t.events, [batch("slow", many, "big"),
                                                     batch("fast", [BENIGN], "small")])
         verdicts = consume(kafka_bootstrap, t.verdicts, until=2, timeout=60)

@@ -77,17 +77,46 @@ class _LoopThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
+        self.busy = 0
 
     async def run(self, coro) -> Any:
+        self.busy += 1
         fut: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        fut.add_done_callback(self._done)
         try:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
             fut.cancel()  # cancels the task on the other loop at its next await
             raise
 
+    def _done(self, _fut: Future) -> None:
+        self.busy -= 1
+
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+class _LoopPool:
+    """Evaluation threads: a check abandoned at its time budget may still be unwinding on its thread,
+    so the next check takes an idle thread instead of queueing behind it (at most ``size`` threads)."""
+
+    def __init__(self, name: str, size: int = 4) -> None:
+        self.name = name
+        self.size = size
+        self.threads: list[_LoopThread] = []
+
+    async def run(self, coro) -> Any:
+        idle = next((t for t in self.threads if t.busy == 0), None)
+        if idle is None and len(self.threads) < self.size:
+            idle = _LoopThread(f"{self.name}-{len(self.threads)}")
+            self.threads.append(idle)
+        if idle is None:  # every thread is still unwinding an abandoned check: queue on the least busy
+            idle = min(self.threads, key=lambda t: t.busy)
+        return await idle.run(coro)
+
+    def close(self) -> None:
+        for t in self.threads:
+            t.close()
 
 
 class ReferenceEngine(Engine):
@@ -100,7 +129,7 @@ class ReferenceEngine(Engine):
         super().__init__(policy)
         self.local = policy.local
         self.max_history = max_history
-        self._thread = _LoopThread("reference-engine") if offload else None
+        self._thread = _LoopPool("reference-engine") if offload else None
 
     async def analyze(self, past: list[dict], pending: list[dict]):
         """Run invariant-ai itself; raises :class:`EngineError` when the policy raises."""
