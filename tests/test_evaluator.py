@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from traces import BENIGN, FLOW, SEND_EMAIL, USER_SEND
 
 from monitor.config import WorkerSettings
 from monitor.models import EventBatch
@@ -12,21 +13,11 @@ from monitor.policy import PolicySet, load_policy_text
 from monitor.state import SessionStore, entry_key
 from monitor.worker import Evaluator, Rejected, decode_batch
 
-FLOW = '''
-raise "Must not call tool after user uses keyword" if:
-    (msg: Message) -> (tool: ToolCall)
-    msg.role == "user"
-    "send" in msg.content
-    tool is tool:send_email
-'''
 CRASH = '''
 raise "long message" if:
     (m: Message)
     len(m.content) > 3
 '''
-USER_SEND = {"role": "user", "content": "Can you send this email to Peter?"}
-SEND_EMAIL = {"id": "1", "type": "function", "function": {"name": "send_email", "arguments": {}}}
-BENIGN = {"role": "assistant", "content": "ok"}
 
 
 def evaluator(text: str = FLOW, **settings) -> Evaluator:

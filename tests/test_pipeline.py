@@ -8,18 +8,11 @@ import time
 import urllib.request
 from collections import defaultdict
 
+from traces import BENIGN, FLOW, SEND_EMAIL, USER_SEND
+from workers import WorkerProcess, batch, consume, produce_batches, raw_values, topics
 
 from monitor.broker import free_port
 from monitor.models import DeadLetter
-from workers import WorkerProcess, batch, consume, produce_batches, raw_values, topics
-
-FLOW = '''
-raise "Must not call tool after user uses keyword" if:
-    (msg: Message) -> (tool: ToolCall)
-    msg.role == "user"
-    "send" in msg.content
-    tool is tool:send_email
-'''
 
 SECRETS = '''
 from invariant.detectors import secrets
@@ -28,12 +21,6 @@ raise "Secret in tool arguments [risk=critical]" if:
     (call: ToolCall)
     len(secrets(call.function.arguments.body)) > 0
 '''
-
-USER_SEND = {"role": "user", "content": "Can you send this email to Peter?"}
-SEND_EMAIL = {"id": "1", "type": "function",
-              "function": {"name": "send_email", "arguments": {"contents": "Hi Peter"}}}
-BENIGN = {"role": "assistant", "content": "Sure, here is the weather."}
-
 
 def policy_file(tmp_path, text: str, name: str = "policy.gr"):
     path = tmp_path / name
