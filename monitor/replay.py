@@ -1141,6 +1141,7 @@ def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
         st.close()
     html_path = None
     if req.html:
+        Path(req.html).parent.mkdir(parents=True, exist_ok=True)
         Path(req.html).write_text(render_html(Report.load(req.out)), encoding="utf-8")
         html_path = req.html
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -1248,7 +1249,9 @@ def verify_report(path: str | Path, *, bootstrap_servers: str | None = None, wor
     if again.manifest.engine != m.engine:
         notes.append(f"engine now {again.manifest.engine!r}, report made with {m.engine!r}")
     if m.inputs.kafka is not None and again.manifest.inputs.kafka is not None:
-        for a, b in zip(m.inputs.kafka.partitions, again.manifest.inputs.kafka.partitions):
+        if len(m.inputs.kafka.partitions) != len(again.manifest.inputs.kafka.partitions):
+            problems.append("the re-run read a different set of partitions")
+        for a, b in zip(m.inputs.kafka.partitions, again.manifest.inputs.kafka.partitions, strict=False):
             if a.records != b.records:
                 problems.append(f"partition {a.partition}: {b.records} records read now, {a.records} in the report")
     elif [f.path for f in again.manifest.inputs.files] != [f.path for f in m.inputs.files]:
