@@ -221,3 +221,30 @@ def test_a_state_of_another_policy_text_is_not_misread():
     assert [m.key for m in result.matches] == ["(0, (1,))"]
     after = result.advance(state)
     assert after.log_start == 1 and [e["r"] for e in after.log] == [1]
+
+
+def test_pure_predicates_compile_and_trace_wide_ones_fall_back():
+    text = '''invalid_role(m: Message) :=
+    m.role == "assistant"
+
+wide(m: Message) :=
+    (c: ToolCall)
+    c is tool:send_email
+
+raise "pure" if:
+    (msg: Message)
+    invalid_role(msg)
+    "X" in msg.content
+
+raise "wide" if:
+    (msg: Message)
+    wide(msg)
+'''
+    policy = load_policy_text(text)
+    engine = IncrementalEngine(policy, offload=False)
+    assert [i.engine for i in engine.explain()] == ["incremental", "reference"]
+    assert "declares a variable over the trace" in engine.explain()[1].reason
+    trace = [user("X"), {"role": "assistant", "content": "an X"}, call("send_email")]
+    assert differences(policy, engine, trace, [1, 2, 3]) == []
+    _, results = feed(engine, trace)
+    assert [m.key for m in results[1].matches] == ["(0, (1,))"]

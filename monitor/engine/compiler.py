@@ -161,12 +161,46 @@ def _scan(node: Any, varmap: dict[int, Var], globals_: Any, used: set[int], pare
             if value is InputData:
                 raise Unsupported(f"policy parameters 'input'{_line(node)}")
             if isinstance(value, ast.Declaration) and not value.is_constant:
-                raise Unsupported(f"the predicate '{node.name}'{_line(node)} evaluates over the trace")
-            if isinstance(value, ast.Declaration):
+                _check_predicate(value, node.name, globals_, set())
+            elif isinstance(value, ast.Declaration):
                 _scan_const(value, globals_)
         return
     for child in _children(node):
         _scan(child, varmap, globals_, used, node, is_raise, assigned, via)
+
+
+def _check_predicate(decl: Any, name: str, globals_: Any, seen: set[int]) -> None:
+    """A predicate is compiled in place when it cannot reach the trace: invariant evaluates its
+    body over the whole input, which only matters for variables without a given domain
+    (``(x: ToolCall)``), quantifiers, flow and ``input``; ``(x: str) in values`` is fine."""
+    if id(decl) in seen:
+        return
+    seen.add(id(decl))
+
+    def walk(node: Any, parent: Any) -> None:
+        if isinstance(node, ast.TypedIdentifier):
+            given = isinstance(parent, ast.BinaryExpr) and parent.op == "in" and parent.left is node
+            if not given:
+                raise Unsupported(f"the predicate '{name}' declares a variable over the trace"
+                                  f"{_line(node)}")
+            return
+        if isinstance(node, ast.Quantifier) or (isinstance(node, ast.BinaryExpr)
+                                                and node.op in ("->", "~>")):
+            raise Unsupported(f"the predicate '{name}' uses flow or a quantifier{_line(node)}")
+        if isinstance(node, (ast.SomeExpr, ast.ValueReference)):
+            raise Unsupported(f"the predicate '{name}' uses {type(node).__name__}{_line(node)}")
+        if isinstance(node, ast.Identifier) and node.id is not None and node.id in globals_.keys():
+            value = globals_[node.id]
+            if value is InputData:
+                raise Unsupported(f"the predicate '{name}' reads policy parameters{_line(node)}")
+            if isinstance(value, ast.Declaration) and not value.is_constant:
+                _check_predicate(value, node.name, globals_, seen)
+            return
+        for child in _children(node):
+            walk(child, node)
+
+    for expr in decl.value if isinstance(decl.value, list) else [decl.value]:
+        walk(expr, None)
 
 
 def _comprehensions(node: Any) -> list[Any]:

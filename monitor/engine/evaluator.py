@@ -168,8 +168,17 @@ class DirectContext(EvaluationContext):
     async def acall_function(self, function, *args, **kwargs):  # type: ignore[override]
         return await call_either_way(function, *args, **kwargs)
 
+    def increment_evaluation_counter(self) -> None:
+        # invariant caps rule-body evaluations per analysis; the engine's work is bounded by
+        # the batch and the kept candidates instead (and the reference runs uncapped here)
+        pass
+
     def get_input(self) -> Input:
-        raise RuntimeError("the incremental engine does not evaluate input-wide constructs")
+        # only predicates the compiler proved never select from the input get here
+        return _EMPTY_INPUT
+
+
+_EMPTY_INPUT = Input([])
 
 
 @dataclass
