@@ -1,7 +1,7 @@
 """Replay what agents already did through a policy: for audits, incident reviews and policy trials.
 
 Sessions come from trace files (JSON: a list of events, a ``{"session_id", "events"}`` object or a
-list of them, or EventBatch records; JSONL: one EventBatch per line; one file or a folder) or from a
+list of them, a sample session ``{"session_id", "batches": [[...], ...]}``, or EventBatch records; JSONL: one EventBatch per line; one file or a folder) or from a
 cluster's events topic between two timestamps or offsets (a consumer that commits nothing and reads
 committed records only). Each batch is evaluated exactly as the live worker does it - the same
 engine interface, the same :class:`~monitor.state.SessionStore` semantics (a denied batch does not
@@ -255,9 +255,26 @@ class FileSource:
             elif isinstance(obj, dict) and isinstance(obj.get("events"), list):
                 sid = obj.get("session_id") or (self._session_name(f) + ("" if single else f"#{i}"))
                 yield from self._session(path, where, str(sid), obj["events"], obj)
+            elif isinstance(obj, dict) and isinstance(obj.get("batches"), list):
+                # the project's sample sessions: batches given as they were sent
+                sid = str(obj.get("session_id") or (self._session_name(f) + ("" if single else f"#{i}")))
+                yield from self._batches(path, where, sid, obj["batches"], obj)
             else:
-                yield Item(where, bad=BadInput(where=where, file=path,
-                                               reason="neither an event list, a session object nor an EventBatch"))
+                yield Item(where, bad=BadInput(where=where, file=path, reason=(
+                    "neither an event list, a session object (events or batches) nor an EventBatch")))
+
+    def _batches(self, path: str, where: str, sid: str, batches: list[Any], obj: dict[str, Any]) -> Iterator[Item]:
+        for k, events in enumerate(batches):
+            w = f"{where}#batches[{k}]"
+            try:  # ids as monitor.samples plays them: <session>:<index>, seq = index
+                batch = EventBatch.model_validate({
+                    "session_id": sid, "batch_id": f"{sid}:{k}", "seq": k, "events": events,
+                    "policy": obj.get("policy"), "metadata": obj.get("metadata") or {},
+                })
+            except ValidationError as exc:
+                yield Item(w, bad=BadInput(where=w, file=path, reason=_reason(exc)))
+                continue
+            yield Item(w, batch=batch)
 
     def _session(self, path: str, where: str, sid: str, events: list[Any], obj: dict[str, Any]) -> Iterator[Item]:
         n = self.trace_batch

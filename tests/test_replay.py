@@ -329,3 +329,17 @@ def test_unreadable_files_are_listed_and_the_rest_is_replayed(tmp_path, send_pol
     assert [(b.file, b.line) for b in report.bad_input] == [(str(binary), 1), (str(missing), None)]
     assert "No such file" in report.bad_input[1].reason
     assert verify_report(tmp_path / "report.json").ok
+
+
+def test_the_project_sample_sessions_replay_to_their_expected_verdicts(tmp_path):
+    samples = ROOT / "examples" / "sessions"
+    report, _ = replay(tmp_path, [samples], ROOT / "examples" / "policies", engine="incremental")
+    assert report.bad_input == []
+    got = {s.session_id: s.batches for s in report.sessions}
+    for f in sorted(samples.glob("*.json")):
+        sample = json.loads(f.read_text())
+        batches_ = got[sample["session_id"]]
+        assert [b.batch_id for b in batches_] == [f"{sample['session_id']}:{k}" for k in range(len(sample["batches"]))]
+        for b, exp in zip(batches_, sample["expect"], strict=True):
+            assert b.decision == exp["decision"], (f.name, b.batch_id)
+            assert sorted(v.message for v in b.violations) == sorted(exp.get("violations", [])), (f.name, b.batch_id)
