@@ -56,7 +56,8 @@ class WorkerSettings(BaseModel):
     policy_path: str
     engine: Literal["incremental", "reference"] = "incremental"
     partitions: int = Field(default=12, ge=1, description="partitions of the events topic")
-    budget_ms: float = Field(default=5000.0, gt=0, description="time budget of one batch check")
+    budget_ms: float | None = Field(default=5000.0, gt=0,
+                                    description="time budget of one batch check; None: unbounded (replay)")
     fail_closed: bool = Field(default=True, description="deny when the policy errors or overruns")
     keep_denied: bool = Field(default=False, description="denied batches join the session's past")
     max_record_bytes: int = Field(default=1_000_000, ge=1024)

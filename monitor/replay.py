@@ -508,7 +508,7 @@ class Evaluator:
             policy_path=policy_path, engine=options.engine, keep_denied=options.keep_denied,
             verdict_memory=options.verdict_memory, max_record_bytes=max(1024, options.max_record_bytes),
             # no budget unless asked: a verdict must not depend on how busy the machine was
-            budget_ms=options.budget_ms or 1e12,
+            budget_ms=options.budget_ms,
         )
         self.worker = WorkerEvaluator(policies, self.settings)
         self.table = _SpillTable(spill)

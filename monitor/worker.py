@@ -148,8 +148,10 @@ class Evaluator:
         result = None
         reason = None
         try:
-            result = await asyncio.wait_for(engine.check(state, pending),
-                                            self.settings.budget_ms / 1000.0)
+            check = engine.check(state, pending)
+            budget = self.settings.budget_ms
+            # wait_for costs a task per batch: only pay for it when there is a budget to keep
+            result = await (asyncio.wait_for(check, budget / 1000.0) if budget is not None else check)
         except asyncio.TimeoutError:
             reason = f"{BUDGET_REASON} of {self.settings.budget_ms:g} ms"
         except EngineError as exc:
