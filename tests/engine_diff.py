@@ -4,7 +4,7 @@ Shared by the engine tests. For a policy, a trace and a split into batches it ru
 
 - the reference: ``LocalPolicy.a_analyze_pending(past, pending)`` for every batch, the past being
   the whole trace before the batch (not its Monitor, not a window);
-- the incremental engine batch by batch on its own state;
+- the incremental engine batch by batch on its own state (passed through JSON between batches);
 
 and reports every batch where the two differ: the set of (message, key), and, for rules whose
 body calls no function, each violation's addresses (invariant then attaches to every error the
@@ -23,7 +23,7 @@ os.environ["INVARIANT_MAX_ITERATIONS"] = str(10**12)
 
 from invariant.analyzer.language import ast as iast  # noqa: E402
 
-from monitor.engine.base import EngineError  # noqa: E402
+from monitor.engine.base import EngineError, SessionState  # noqa: E402
 from monitor.engine.incremental import IncrementalEngine  # noqa: E402
 from monitor.policy import LoadedPolicy  # noqa: E402
 
@@ -94,7 +94,8 @@ async def incremental_batches(engine: IncrementalEngine, trace: list[dict],
             out.append(f"raises: {exc}")
             return out
         out.append([(m.rule_index, m.message, m.key, tuple(m.addresses)) for m in result.matches])
-        state = result.advance(state)
+        # through JSON, as the worker's changelog carries it
+        state = SessionState.model_validate_json(result.advance(state).model_dump_json())
         start = end
     return out
 

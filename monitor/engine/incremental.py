@@ -16,6 +16,18 @@ Each compiled rule (see :mod:`monitor.engine.compiler`) is matched like a small 
 Rules that do not compile run on invariant-ai itself over a bounded window of raw events kept in
 the same log (entries are tagged: ``"c"`` candidate, ``"e"`` raw event).
 
+Where it can differ from invariant-ai (all rare, and what the differential tests exclude):
+
+- ranges where invariant's own are wrong: once a rule body calls a function, invariant gives every
+  error the ranges of all matches (a shared interpreter stack); here each match has its own;
+- invariant locates a marked object by identity anywhere in the trace, so a one-character or
+  empty string (a CPython singleton) is also reported where the same string sits in other
+  events; here only the bound events are searched;
+- errors: invariant aborts an analysis when any assignment reaches a condition that raises; the
+  state keeps, per failing condition, the earliest event that failed it, which covers the usual
+  shapes but not every combination of three or more variables;
+- a state written for another policy text is not reused (its candidates name other rules).
+
 Example::
 
     >>> import asyncio
