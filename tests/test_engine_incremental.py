@@ -248,3 +248,38 @@ raise "wide" if:
     assert differences(policy, engine, trace, [1, 2, 3]) == []
     _, results = feed(engine, trace)
     assert [m.key for m in results[1].matches] == ["(0, (1,))"]
+
+
+def test_concurrent_sessions_on_one_loop_get_their_own_verdicts():
+    text = (ROOT / "examples" / "policies" / "secrets_to_pr.gr").read_text() + '''
+raise "words" if:
+    (m: Message) -> (t: ToolCall)
+    any([w in m.content for w in ["alpha", "beta"]])
+    t is tool:create_pr
+'''
+    engine = IncrementalEngine(load_policy_text(text), offload=False)
+    key = "ghp_1234567890123456789012345678901234567890"
+
+    def session(k):
+        words = ["alpha", "beta", "gamma"][k % 3]
+        return [user(f"{words} {key if k % 2 else 'nothing'}"), call("create_pr", f"p{k}")]
+
+    async def one(k):
+        state = engine.initial_state()
+        found = []
+        for event in session(k):
+            await asyncio.sleep(0)
+            result = await engine.check(state, [event])
+            found += sorted((m.rule_index, m.key, tuple(m.addresses)) for m in result.matches)
+            state = result.advance(state)
+        return found
+
+    async def all_at_once():
+        return await asyncio.gather(*(one(k) for k in range(24)))
+
+    sequential = [asyncio.run(one(k)) for k in range(24)]
+    assert asyncio.run(all_at_once()) == sequential
+    assert sequential[1] == [(0, "(0, (0, 1))", ("messages.0", "messages.1")),
+                             (1, "(1, (0, 1, -1))", ("messages.0", "messages.0.content:0-4",
+                                                     "messages.1"))]
+    assert sequential[2] == []
