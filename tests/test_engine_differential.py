@@ -155,7 +155,9 @@ OWN = {
         '"{w}" in {v}.function.arguments.arg', 'not ({v} is tool:{t})',
         '"{w}" in {v}.function.arguments.other',  # raises where the argument is missing
     ],
-    "ToolOutput": ['"{w}" in {v}.content', '{v}.content is not None', '{v}.role == "tool"'],
+    "ToolOutput": ['"{w}" in {v}.content', '{v}.content is not None', '{v}.role == "tool"',
+                   '{v} is tool:{t}',  # invariant follows the output to its call
+                   'tool_call({v}).function.name == "{t}"'],
 }
 TEXT = {"Message": "{v}.content", "ToolOutput": "{v}.content", "ToolCall": "{v}.function.arguments.arg"}
 

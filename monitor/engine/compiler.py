@@ -78,6 +78,7 @@ class CompiledRule:
     # positions are, None = every past candidate may still be needed
     keep: list[int | None] = field(default_factory=list)
     needs_object: set[int] = field(default_factory=set)  # variables whose event must be kept
+    links_outputs: bool = False  # own conditions use a tool output's linked call
 
     def own_conds(self, v: int) -> list[Cond]:
         return [c for c in self.conds if c.kind == OWN and c.vars == (v,)]
@@ -127,7 +128,7 @@ def _type_name(type_ref: Any) -> str:
 
 def _scan(node: Any, varmap: dict[int, Var], globals_: Any, used: set[int], parent: Any = None,
           is_raise: bool = False, assigned: dict[int, set[int]] | None = None,
-          via: set[int] | None = None) -> None:
+          via: set[int] | None = None, links: set[int] | None = None) -> None:
     """Collect the variables ``node`` uses (``via``: the ``:=`` variables it reads); raise
     :class:`Unsupported` for constructs we leave to the reference engine."""
     assigned = assigned if assigned is not None else {}
@@ -153,8 +154,12 @@ def _scan(node: Any, varmap: dict[int, Var], globals_: Any, used: set[int], pare
             used.add(var.index)
             bare = not (isinstance(parent, ast.MemberAccess) and parent.expr is node)
             if bare and var.type == "ToolOutput":
-                # invariant links a tool output to its call anywhere in the trace (`_tool_call`)
-                raise Unsupported(f"the tool output '{var.name}' used as an object{_line(node)}")
+                # invariant links a tool output to its call anywhere in the trace (`_tool_call`):
+                # the engine links it when the output arrives, which serves its own conditions
+                if links is None:
+                    raise Unsupported(f"the tool output '{var.name}' used as an object in a "
+                                      f"condition joining variables{_line(node)}")
+                links.add(var.index)
             return
         if decl is not None and decl in globals_.keys():
             value = globals_[decl]
@@ -166,7 +171,7 @@ def _scan(node: Any, varmap: dict[int, Var], globals_: Any, used: set[int], pare
                 _scan_const(value, globals_)
         return
     for child in _children(node):
-        _scan(child, varmap, globals_, used, node, is_raise, assigned, via)
+        _scan(child, varmap, globals_, used, node, is_raise, assigned, via, links)
 
 
 def _check_predicate(decl: Any, name: str, globals_: Any, seen: set[int]) -> None:
@@ -315,6 +320,7 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
     conds: list[Cond] = []
     arrows: list[tuple[int, int, bool]] = []
     assigned: dict[int, set[int]] = {}
+    links: set[int] = set()  # tool-output variables whose call invariant links (`_tool_call`)
     # invariant leaks the loop variable of the first list comprehension it evaluates into the
     # assignment (and later writes go to a copy of the store): keep to one comprehension, and no
     # ':=' from it on, where that is simple to mirror
@@ -337,7 +343,7 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
             if comp_pos and pos >= comp_pos[0]:
                 raise Unsupported(f"an assignment ':=' after a list comprehension{_line(expr)}")
             used = set()
-            _scan(expr.right, varmap, globals_, used, assigned=assigned)
+            _scan(expr.right, varmap, globals_, used, assigned=assigned, links=links)
             if len(used) != 1:
                 raise Unsupported(f"an assignment ':=' not from exactly one variable{_line(expr)}")
             assigned[id(expr.left.id)] = set(used)
@@ -345,10 +351,15 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
         else:
             used: set[int] = set()
             via: set[int] = set()
-            _scan(expr, varmap, globals_, used, assigned=assigned, via=via)
+            linked: set[int] = set()
+            _scan(expr, varmap, globals_, used, assigned=assigned, via=via, links=linked)
             if not used:
                 raise Unsupported(f"a condition without an event variable{_line(expr)}")
             kind = OWN if len(used) == 1 else JOIN
+            if kind == JOIN and linked:
+                raise Unsupported(f"the tool output '{varlist[min(linked)].name}' used as an "
+                                  f"object in a condition joining variables{_line(expr)}")
+            links |= linked
             if kind == JOIN and via:
                 raise Unsupported(f"a condition joining variables reads a ':=' name{_line(expr)}")
             fast = compile_fast(expr, {id(v.decl) for v in varlist})
@@ -383,7 +394,8 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
 
     return CompiledRule(index=index, vars=varlist, conds=conds, globals=globals_, message=message,
                         raise_expr=None if message is not None else exc, never=never,
-                        keep=_keep(len(varlist), arrows), needs_object=needs)
+                        keep=_keep(len(varlist), arrows), needs_object=needs,
+                        links_outputs=bool(links))
 
 
 def rule_message(rule: Any) -> str:

@@ -107,10 +107,11 @@ class Occurrences:
     the visited-set check), so an object may have several (sequence number, path) places.
     """
 
-    def __init__(self, event: Any, trace_idx: int) -> None:
+    def __init__(self, event: Any, trace_idx: int, path: list | None = None,
+                 order: list[int] | None = None) -> None:
         self.places: dict[int, list[tuple[list[int], str]]] = {}
         self._visited: set[int] = set()
-        self._visit(event, [trace_idx], [])
+        self._visit(event, [trace_idx] + (path or []), order or [])
 
     def _visit(self, obj: Any, path: list, order: list[int]) -> None:
         # ``order`` (sibling numbers along the path) sorts places in the locator's visiting order
@@ -136,18 +137,24 @@ class EventIndex:
     """Lazily built :class:`Occurrences` of the events an evaluation may mark."""
 
     def __init__(self) -> None:
-        self._by_event: dict[int, tuple[Any, int, Occurrences | None]] = {}
+        self._by_event: dict[int, tuple[Any, int, Any, Occurrences | None]] = {}
 
-    def add(self, event: Any, trace_idx: int) -> None:
-        self._by_event.setdefault(id(event), (event, trace_idx, None))
+    def add(self, event: Any, trace_idx: int, call_idx: int = -1) -> None:
+        """Index ``event`` (or, with ``call_idx``, a tool call that sits in event ``trace_idx``'s
+        ``tool_calls``) for locating marks on it."""
+        self._by_event.setdefault(id(event), (event, trace_idx, call_idx, None))
 
     def locate(self, obj_id: int) -> list[tuple[int, list[int], str]]:
         """(trace index, visiting order, path) of every place ``obj_id`` has in a known event."""
         found = []
-        for key, (event, idx, occ) in list(self._by_event.items()):
+        for key, (event, idx, call_idx, occ) in list(self._by_event.items()):
             if occ is None:
-                occ = Occurrences(event, idx)
-                self._by_event[key] = (event, idx, occ)
+                if call_idx < 0:
+                    occ = Occurrences(event, idx)
+                else:
+                    occ = Occurrences(event, idx, ["tool_calls", call_idx],
+                                      [_TOOL_CALLS_FIELD, call_idx])
+                self._by_event[key] = (event, idx, call_idx, occ)
             for seq, path in occ.places.get(obj_id, ()):
                 found.append((idx, seq, path))
         return found
@@ -179,6 +186,52 @@ class DirectContext(EvaluationContext):
 
 
 _EMPTY_INPUT = Input([])
+_TOOL_CALLS_FIELD = list(Message.model_fields).index("tool_calls")
+
+
+def call_record(event: dict[str, Any], trace_idx: int, call_idx: int) -> dict[str, Any] | None:
+    """What a later tool output needs of a tool call: its id and the call as sent."""
+    call = event if call_idx < 0 else event["tool_calls"][call_idx]
+    if not isinstance(call, dict) or call.get("id") is None:
+        return None
+    return {"id": call["id"], "i": trace_idx, "j": call_idx, "call": call}
+
+
+def rebuild_call(rec: dict[str, Any]) -> Any:
+    """The ToolCall object ``Input.parse_input`` makes of a kept :func:`call_record`."""
+    import copy
+    import json
+
+    call = copy.deepcopy(rec["call"])
+    if rec["j"] >= 0:
+        if type(call["function"]["arguments"]) is str:
+            call["function"]["arguments"] = json.loads(call["function"]["arguments"])
+    elif "metadata" in call and "server" in call["metadata"]:
+        call["server"] = call["metadata"]["server"]
+    obj = ToolCall(**call)
+    obj.metadata["trace_idx"] = rec["i"]
+    return obj
+
+
+def link_outputs(parsed: list[Any], past_calls: dict[str, dict[str, Any]],
+                 index: "EventIndex") -> None:
+    """Give pending tool outputs the past call invariant links them to (``_tool_call``).
+
+    ``Input.parse_input`` links an output to the latest call with its id parsed before it; the
+    batch's own calls are linked already, the past's come from ``past_calls`` (id -> record).
+    """
+    seen: set[Any] = set()
+    for event in parsed:
+        if type(event) is Message:
+            seen.update(c.id for c in event.tool_calls or [])
+        elif type(event) is ToolCall:
+            seen.add(event.id)
+        elif type(event) is ToolOutput and event.tool_call_id not in seen \
+                and event.tool_call_id in past_calls:
+            rec = past_calls[event.tool_call_id]
+            obj = rebuild_call(rec)
+            event._tool_call = obj
+            index.add(obj, rec["i"], rec["j"])
 
 
 @dataclass
@@ -259,9 +312,6 @@ async def evaluate_value(expr: Any, store: dict, globals_: Any, ctx: DirectConte
                                       partial=False)
     finally:
         INTERPRETER_STACK.reset(token)
-
-
-_TOOL_CALLS_FIELD = list(Message.model_fields).index("tool_calls")
 
 
 def object_place(element: Element) -> tuple[int, list[int], str]:

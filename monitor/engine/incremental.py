@@ -63,6 +63,8 @@ from monitor.engine.evaluator import (
     DirectContext,
     Element,
     EventIndex,
+    call_record,
+    link_outputs,
     evaluate,
     evaluate_value,
     flatten,
@@ -104,6 +106,7 @@ class IncrementalEngine(Engine):
         self.fallback: list[int] = [p.index for p in self.plans if p.compiled is None]
         self._ctx = DirectContext(self.local.rule_set.symbol_table)
         self._tag = policy.sha256[:16]  # ties a state's candidates to this policy text
+        self._links = any(r.links_outputs for r in self.compiled)
         self._sub = None
         self._thread = None
         if self.fallback:
@@ -151,25 +154,30 @@ class IncrementalEngine(Engine):
         except Exception as exc:  # noqa: BLE001 - the reference fails the same way
             raise EngineError(f"{type(exc).__name__}: {exc}") from exc
         elements = flatten(parsed, head["flat"])
+        index = EventIndex()
+        for el in elements:
+            index.add(el.event, el.trace_idx)
         raw_prepared = prepared_events(pending, head.get("lc"))[0] if self._needs_raw() else None
 
         # what the log holds, by rule and variable (candidates) and raw events for fallback rules
         old: dict[tuple[int, int], list[dict]] = {}
         raw_entries: list[tuple[int, dict]] = []
+        past_calls: dict[str, dict] = {}
         for pos, entry in enumerate(log):
             t = entry.get("t")
             if t == "c":
                 old.setdefault((entry["r"], entry["v"]), []).append(entry)
             elif t == "e":
                 raw_entries.append((pos, entry))
+            elif t == "k":
+                past_calls[entry["id"]] = entry  # the latest call with an id wins, as in invariant
+        if self._links:
+            link_outputs(parsed, past_calls, index)
 
         matches: list[Match] = []
         appended: list[dict] = []
         new_tail: dict[str, dict[str, list]] = {}
         flat_end = head["flat"] + len(elements)
-        index = EventIndex()
-        for el in elements:
-            index.add(el.event, el.trace_idx)
         objects: dict[int, Any] = {}  # kept events re-read this check, one object per trace index
 
         for rule in self.compiled:
@@ -189,6 +197,14 @@ class IncrementalEngine(Engine):
                     if kept:
                         new_tail.setdefault(str(rule.index), {})[str(v)] = kept
 
+        if self._links:
+            # tool calls a later output may name (its conditions see the linked call)
+            prepared = prepared_events(pending, head.get("lc"))[0]
+            for el in elements:
+                if el.kind == "ToolCall":
+                    rec = call_record(prepared[el.raw_pos], el.trace_idx, el.call_idx)
+                    if rec is not None:
+                        appended.append({"t": "k", **rec})
         log_start = state.log_start + (len(state.log) - len(log))
         if self.fallback:
             matches.extend(await self._run_fallback(raw_entries, length, pending))
@@ -198,7 +214,9 @@ class IncrementalEngine(Engine):
             stale = [(pos, e) for pos, e in raw_entries if e["i"] < total - self.max_history]
             if len(stale) > max(self.max_history, 64):
                 cut = stale[-1][0] + 1
-                carried = [e for e in log[:cut] if e.get("t") == "c"]
+                latest = {id(e) for e in past_calls.values()}
+                carried = [e for e in log[:cut]
+                           if e.get("t") == "c" or (e.get("t") == "k" and id(e) in latest)]
                 appended = carried + appended
                 log_start = state.log_start + cut
 
