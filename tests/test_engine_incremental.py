@@ -283,3 +283,34 @@ raise "words" if:
                              (1, "(1, (0, 1, -1))", ("messages.0", "messages.0.content:0-4",
                                                      "messages.1"))]
     assert sequential[2] == []
+
+
+def test_tool_outputs_are_linked_to_past_calls_like_invariant_links_them():
+    text = '''raise "inbox" if:
+    (out: ToolOutput)
+    out is tool:get_inbox
+    "Peter" in out.content
+
+raise "join" if:
+    (out: ToolOutput) -> (msg: Message)
+    out is tool:send_email
+    "Peter" in tool_call(out).function.arguments.to and "again" in msg.content
+'''
+    policy = load_policy_text(text)
+    engine = IncrementalEngine(policy, offload=False)
+    assert [i.engine for i in engine.explain()] == ["incremental", "incremental"]
+    trace = json.loads(json.dumps([
+        user("hello"),
+        assistant_calls(call("get_inbox", "1"), call("send_email", "2", to="xavier Peter")),
+        {"role": "tool", "tool_call_id": "1", "content": "mail from Peter"},
+        {"role": "tool", "tool_call_id": "2", "content": "sent"},
+        call("send_email", "1", to="Peter"),  # a later call reusing id 1: later outputs name it
+        {"role": "tool", "tool_call_id": "1", "content": "Peter"},
+        {"role": "tool", "content": "Peter again"},  # no id: the latest call's
+        user("again, Peter"),
+    ]))
+    for bounds in ([8], list(range(1, 9)), [2, 4, 8], [3, 5, 8]):
+        assert differences(policy, engine, trace, bounds) == []
+    _, results = feed(engine, trace)
+    assert [m.key for m in results[2].matches] == ["(0, (2,))"]
+    assert sorted(m.key for m in results[7].matches) == ["(1, (7, 3))", "(1, (7, 5))", "(1, (7, 6))"]

@@ -155,10 +155,10 @@ def _scan(node: Any, varmap: dict[int, Var], globals_: Any, used: set[int], pare
             bare = not (isinstance(parent, ast.MemberAccess) and parent.expr is node)
             if bare and var.type == "ToolOutput":
                 # invariant links a tool output to its call anywhere in the trace (`_tool_call`):
-                # the engine links it when the output arrives, which serves its own conditions
+                # the engine links it when the output arrives and keeps the link with the output
                 if links is None:
-                    raise Unsupported(f"the tool output '{var.name}' used as an object in a "
-                                      f"condition joining variables{_line(node)}")
+                    raise Unsupported(f"the tool output '{var.name}' used as an object in the "
+                                      f"raise expression{_line(node)}")
                 links.add(var.index)
             return
         if decl is not None and decl in globals_.keys():
@@ -356,9 +356,6 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
             if not used:
                 raise Unsupported(f"a condition without an event variable{_line(expr)}")
             kind = OWN if len(used) == 1 else JOIN
-            if kind == JOIN and linked:
-                raise Unsupported(f"the tool output '{varlist[min(linked)].name}' used as an "
-                                  f"object in a condition joining variables{_line(expr)}")
             links |= linked
             if kind == JOIN and via:
                 raise Unsupported(f"a condition joining variables reads a ':=' name{_line(expr)}")

@@ -213,25 +213,37 @@ def rebuild_call(rec: dict[str, Any]) -> Any:
     return obj
 
 
-def link_outputs(parsed: list[Any], past_calls: dict[str, dict[str, Any]],
-                 index: "EventIndex") -> None:
+def link_outputs(parsed: list[Any], prepared: list[dict[str, Any]],
+                 past_calls: dict[str, dict[str, Any]], index: "EventIndex") -> dict[int, dict]:
     """Give pending tool outputs the past call invariant links them to (``_tool_call``).
 
     ``Input.parse_input`` links an output to the latest call with its id parsed before it; the
     batch's own calls are linked already, the past's come from ``past_calls`` (id -> record).
+    Returns, by ``id()`` of each linked output, the record of its call (kept with candidates).
     """
-    seen: set[Any] = set()
-    for event in parsed:
+    latest: dict[Any, dict[str, Any]] = {}
+    links: dict[int, dict] = {}
+    for pos, event in enumerate(parsed):
+        idx = event.metadata["trace_idx"]
         if type(event) is Message:
-            seen.update(c.id for c in event.tool_calls or [])
+            for j, c in enumerate(event.tool_calls or []):
+                rec = call_record(prepared[pos], idx, j)
+                if rec is not None:
+                    latest[c.id] = rec
         elif type(event) is ToolCall:
-            seen.add(event.id)
-        elif type(event) is ToolOutput and event.tool_call_id not in seen \
-                and event.tool_call_id in past_calls:
-            rec = past_calls[event.tool_call_id]
-            obj = rebuild_call(rec)
-            event._tool_call = obj
-            index.add(obj, rec["i"], rec["j"])
+            rec = call_record(prepared[pos], idx, -1)
+            if rec is not None:
+                latest[event.id] = rec
+        elif type(event) is ToolOutput:
+            if event.tool_call_id in latest:
+                links[id(event)] = latest[event.tool_call_id]
+            elif event.tool_call_id in past_calls:
+                rec = past_calls[event.tool_call_id]
+                obj = rebuild_call(rec)
+                event._tool_call = obj
+                index.add(obj, rec["i"], rec["j"])
+                links[id(event)] = rec
+    return links
 
 
 @dataclass

@@ -63,8 +63,10 @@ from monitor.engine.evaluator import (
     DirectContext,
     Element,
     EventIndex,
+    ToolOutput,
     call_record,
     link_outputs,
+    rebuild_call,
     evaluate,
     evaluate_value,
     flatten,
@@ -171,8 +173,10 @@ class IncrementalEngine(Engine):
                 raw_entries.append((pos, entry))
             elif t == "k":
                 past_calls[entry["id"]] = entry  # the latest call with an id wins, as in invariant
+        links: dict[int, dict] = {}
         if self._links:
-            link_outputs(parsed, past_calls, index)
+            links = link_outputs(parsed, prepared_events(pending, head.get("lc"))[0], past_calls,
+                                 index)
 
         matches: list[Match] = []
         appended: list[dict] = []
@@ -184,7 +188,7 @@ class IncrementalEngine(Engine):
             if rule.never:
                 continue
             rule_matches, new_recs, new_witnesses = await self._match_rule(
-                rule, elements, raw_prepared, old, head, index, objects)
+                rule, elements, raw_prepared, old, head, index, objects, links)
             matches.extend(rule_matches)
             tails = head["tail"].get(str(rule.index), {})
             for v, keep in enumerate(rule.keep):
@@ -263,7 +267,8 @@ class IncrementalEngine(Engine):
 
     async def _match_rule(self, rule: CompiledRule, elements: list[Element],
                           raw: list[dict] | None, old: dict, head: dict, index: EventIndex,
-                          objects: dict) -> tuple[list[Match], list[list[dict]], list[list[dict]]]:
+                          objects: dict, links: dict[int, dict]
+                          ) -> tuple[list[Match], list[list[dict]], list[list[dict]]]:
         nvars = len(rule.vars)
         new: list[list[_Cand]] = [[] for _ in range(nvars)]
         failed: list[list[_Cand]] = [[] for _ in range(nvars)]
@@ -272,6 +277,8 @@ class IncrementalEngine(Engine):
                 if el.kind != var.type:
                     continue
                 rec = await self._own_record(rule, v, el, index, raw)
+                if v in rule.needs_object and id(el.obj) in links:
+                    rec["kc"] = links[id(el.obj)]  # the call it is linked to, for re-reading
                 (failed if rec.get("k") == FALSE else new)[v].append(_Cand(rec, el, True))
         # kept records: live candidates, and "witnesses" (events that failed an own condition,
         # the earliest per failing position, and those in a ~> tail), which only matter when an
@@ -354,6 +361,10 @@ class IncrementalEngine(Engine):
             parsed, _ = parse_batch([rec["ev"]], rec["i"], None)
             objects[rec["i"]] = parsed[0]
             index.add(parsed[0], rec["i"])
+            if "kc" in rec and type(parsed[0]) is ToolOutput:
+                call = rebuild_call(rec["kc"])
+                parsed[0]._tool_call = call
+                index.add(call, rec["kc"]["i"], rec["kc"]["j"])
         event = objects[rec["i"]]
         return event if rec["j"] < 0 else event.tool_calls[rec["j"]]
 
