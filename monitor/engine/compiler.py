@@ -376,7 +376,7 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
             needs.update(c.vars)
     if message is None:
         used, via = set(), set()
-        _scan(exc, varmap, globals_, used, is_raise=True, assigned=assigned, via=via)
+        _scan(exc, varmap, globals_, used, is_raise=True, assigned=assigned, via=via, links=links)
         if via:
             raise Unsupported("the raise expression reads a ':=' name")
         needs.update(range(len(varlist)))  # the raise expression sees every variable
