@@ -132,7 +132,8 @@ def test_invariant_suite_policies_match_the_reference(suite_cases):
             if found:
                 problems.append(f"policy:\n{text}\ntrace: {json.dumps(trace)[:400]}\n" + "\n".join(found))
                 break
-    assert checked >= 60 and compiled_rules >= 60, (checked, compiled_rules)
+    # invariant-ai 0.3.5: 126 cases of 79 compiled rules; fewer means the compiler regressed
+    assert checked >= 110 and compiled_rules >= 70, (checked, compiled_rules)
     assert not problems, "\n\n".join(problems[:5])
 
 
