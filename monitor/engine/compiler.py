@@ -8,9 +8,13 @@ A rule compiles when its body is a flat list of
   ``in``, comparisons, ``and/or/not``, ``is tool:name``, literals, ``len``/``any``/``empty``,
   imported detectors such as ``secrets(...)``), each using at least one variable.
 
-Everything else (quantifiers, ``:=``, user-defined predicates, ``input.*``, nested declarations,
-arrows inside expressions, conditions without a variable, a join condition placed before a flow
-constraint, bare tool-output objects whose tool call invariant links across the trace) makes the
+Also compiled: ``:=`` from one variable, one list comprehension, predicates
+(``name(x) := ...``) that cannot reach the trace, tool outputs used as objects (``out is
+tool:x``, ``tool_call(out)``: linked to their call as invariant links them).
+
+Everything else (quantifiers, user predicates declaring variables over the trace, ``input.*``,
+variables declared inside an expression, arrows inside expressions, conditions without a
+variable, a join condition placed before a flow constraint) makes the
 rule run on the reference engine, with the reason recorded for ``policy explain``.
 
 Example::
