@@ -110,9 +110,10 @@ class Evaluator:
     def __init__(self, policies: PolicySet, settings: WorkerSettings) -> None:
         self.policies = policies
         self.settings = settings
-        opts = {"max_history": settings.reference_max_history} if settings.engine == "reference" else {}
+        # the reference engine's window, and the incremental engine's for rules it cannot compile
         self.engines: dict[str, Engine] = {
-            p.policy_id: make_engine(p, settings.engine, **opts) for p in policies.all()
+            p.policy_id: make_engine(p, settings.engine, max_history=settings.reference_max_history)
+            for p in policies.all()
         }
 
     async def evaluate(self, store: SessionStore, batch: EventBatch,
