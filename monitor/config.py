@@ -62,6 +62,8 @@ class WorkerSettings(BaseModel):
     keep_denied: bool = Field(default=False, description="denied batches join the session's past")
     max_record_bytes: int = Field(default=1_000_000, ge=1024)
     verdict_memory: int = Field(default=64, ge=1, description="recent batch verdicts kept per session")
+    max_verdict_violations: int = Field(default=200, ge=1, description=(
+        "violations listed in one verdict; the rest are counted (alerts carry every one)"))
     reference_max_history: int = Field(default=2000, ge=1)
     store: str = Field(default="memory://", description="faust table store: memory:// or rocksdb://")
     data_dir: str | None = None

@@ -25,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     field_serializer,
 )
@@ -191,6 +192,8 @@ class Verdict(BaseModel):
     seq: int | None = None
     decision: Decision
     violations: list[Violation] = Field(default_factory=list)
+    violations_omitted: int = Field(default=0, ge=0, description=(
+        "violations left out to keep the record small; every one still has its alert"))
     reason: str | None = Field(default=None, description="why, when the deny is not a rule match")
     policy_id: str | None = None
     policy_sha256: str | None = None
@@ -198,6 +201,7 @@ class Verdict(BaseModel):
     evaluated_at: datetime = Field(default_factory=utcnow)
     eval_ms: float = 0.0
     source: SourceRef | None = None
+    _omitted: list[Violation] = PrivateAttr(default_factory=list)
 
     @property
     def allowed(self) -> bool:

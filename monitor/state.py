@@ -30,6 +30,10 @@ from monitor.engine.base import SessionState
 _SEP = "\x1f"  # a unit separator cannot be typed into an id by accident; keeps keys unambiguous
 
 
+class StateCorrupted(RuntimeError):
+    """The head names a state record that is not in the table; the batch fails closed."""
+
+
 class PolicyCursor(BaseModel):
     """Where one policy's engine state of a session stands."""
 
@@ -90,8 +94,13 @@ class SessionStore:
             # but keep counting events so addresses stay right
             return SessionState(engine=engine, length=cur.length if cur else 0)
         assert session_id is not None or cur.log_end == cur.log_start
-        log = [self.table[entry_key(policy_id, session_id or "", n)]
-               for n in range(cur.log_start, cur.log_end)]
+        log = []
+        for n in range(cur.log_start, cur.log_end):
+            entry = self.table.get(entry_key(policy_id, session_id or "", n))
+            if entry is None:
+                raise StateCorrupted(f"entry {n} of session {session_id!r} (policy {policy_id!r}) is "
+                                     f"missing from the state table")
+            log.append(entry)
         return SessionState(engine=engine, length=cur.length, head=cur.head,
                             log_start=cur.log_start, log=log)
 
@@ -100,6 +109,7 @@ class SessionStore:
                new_state: SessionState | None = None, appended: list[Any] | None = None) -> SessionHead:
         """Record a batch's verdict and, when it joins the past, its state; the head goes last."""
         policies = dict(head.policies)
+        dropped: list[str] = []
         if policy_id is not None and new_state is not None:
             before = policies.get(policy_id)
             if before is None or (before.engine and before.engine != new_state.engine):
@@ -109,8 +119,8 @@ class SessionStore:
             for entry in appended or []:
                 self.table[entry_key(policy_id, session_id, end)] = entry
                 end += 1
-            for n in range(before.log_start, min(new_state.log_start, end)):
-                self.table.pop(entry_key(policy_id, session_id, n), None)
+            dropped = [entry_key(policy_id, session_id, n)
+                       for n in range(before.log_start, min(new_state.log_start, end))]
             policies[policy_id] = PolicyCursor(
                 engine=new_state.engine, length=new_state.length, head=new_state.head,
                 log_start=max(new_state.log_start, before.log_start), log_end=end,
@@ -127,6 +137,10 @@ class SessionStore:
             updated_at=time.time(),
         )
         self.table[head_key(session_id)] = new_head.model_dump()
-        for old in forgotten:  # after the head: a crash leaves a stray record, never a missing one
+        # deletes only after the head: a crash before them leaves stray records, never a head that
+        # names a missing one
+        for key in dropped:
+            self.table.pop(key, None)
+        for old in forgotten:
             self.table.pop(verdict_key(session_id, old), None)
         return new_head

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from monitor.config import WorkerSettings
 from monitor.engine import Engine, EngineError, make_engine
+from monitor.engine.reference import LoopPool
 from monitor.models import (
     Alert,
     DeadLetter,
@@ -43,7 +44,7 @@ from monitor.models import (
     Violation,
 )
 from monitor.policy import LoadedPolicy, PolicySet, load_policy_set
-from monitor.state import HEAD_PREFIX, SessionStore
+from monitor.state import HEAD_PREFIX, SessionStore, StateCorrupted
 
 log = logging.getLogger("agent_monitor.worker")
 
@@ -76,6 +77,9 @@ def _short_validation(exc: ValidationError, limit: int = 5) -> str:
 def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int) -> EventBatch:
     """Parse a record into an EventBatch or raise :class:`Rejected` with a reason a person can act on."""
     key_text = key.decode("utf-8", "replace") if key else None
+    if not key_text:
+        raise Rejected("invalid", "the record has no key: the key must be the session_id, so that a "
+                       "session stays on one partition")
     if value is None:
         raise Rejected("invalid", "the record has no value (a tombstone?)", key_text)
     try:
@@ -98,7 +102,7 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int) -> Even
         batch = EventBatch.model_validate(data)
     except ValidationError as exc:
         raise Rejected("invalid", f"not a valid EventBatch: {_short_validation(exc)}", sid, bid) from None
-    if key_text is not None and key_text != batch.session_id:
+    if key_text != batch.session_id:
         raise Rejected("invalid", f"the record key {key_text!r} is not its session_id "
                        f"{batch.session_id!r}: a session must stay on one partition", sid, bid)
     return batch
@@ -115,6 +119,25 @@ class Evaluator:
             p.policy_id: make_engine(p, settings.engine, max_history=settings.reference_max_history)
             for p in policies.all()
         }
+        # a budget is only kept if the check runs off this loop: the incremental engine's work is
+        # plain Python that never yields (the reference engine has threads of its own)
+        self._threads = (LoopPool("policy-check") if settings.budget_ms is not None
+                         and settings.engine != "reference" else None)
+
+    async def reject(self, store: SessionStore, rejected: "Rejected",
+                     source: SourceRef | None) -> tuple[Verdict, bool]:
+        """A deny for a record that is not a valid batch, remembered like any verdict so that a
+        redelivery repeats it (and a batch id that already has a verdict keeps it)."""
+        sid, bid = rejected.session_id, rejected.batch_id
+        assert sid and bid
+        head = store.head(sid)
+        known = store.known_verdict(head, sid, bid)
+        if known is not None:
+            return Verdict.model_validate(known), False
+        verdict = Verdict(session_id=sid, batch_id=bid, decision="deny", source=source,
+                          reason=f"rejected record ({rejected.kind}): {rejected.reason}")
+        store.commit(sid, head, bid, verdict.model_dump(mode="json"))
+        return verdict, True
 
     async def evaluate(self, store: SessionStore, batch: EventBatch,
                        source: SourceRef | None) -> tuple[Verdict, bool]:
@@ -144,15 +167,20 @@ class Evaluator:
             store.commit(batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"))
             return verdict, True
 
-        state = store.engine_state(head, policy.policy_id, engine.name, batch.session_id)
-        pending = batch.trace()
         result = None
         reason = None
         try:
-            check = engine.check(state, pending)
+            state = store.engine_state(head, policy.policy_id, engine.name, batch.session_id)
+            check = engine.check(state, batch.trace())
             budget = self.settings.budget_ms
-            # wait_for costs a task per batch: only pay for it when there is a budget to keep
-            result = await (asyncio.wait_for(check, budget / 1000.0) if budget is not None else check)
+            if budget is None:  # replay: no wait_for task per batch, and no thread hop
+                result = await check
+            else:
+                result = await asyncio.wait_for(self._threads.run(check) if self._threads else check,
+                                                budget / 1000.0)
+        except StateCorrupted as exc:
+            log.error("%s", exc)
+            reason = f"the session's stored state is damaged: {exc}"
         except asyncio.TimeoutError:
             reason = f"{BUDGET_REASON} of {self.settings.budget_ms:g} ms"
         except EngineError as exc:
@@ -171,7 +199,10 @@ class Evaluator:
 
         violations = [Violation.from_match(m, batch.session_id, policy.sha256) for m in result.matches]
         decision = "deny" if violations else "allow"
-        verdict = Verdict(decision=decision, violations=violations, eval_ms=eval_ms, **verdict_fields)
+        cap = self.settings.max_verdict_violations
+        verdict = Verdict(decision=decision, violations=violations[:cap], eval_ms=eval_ms,
+                          violations_omitted=max(0, len(violations) - cap), **verdict_fields)
+        verdict._omitted = violations[cap:]  # not on the wire: their alerts still go out
         joins = decision == "allow" or self.settings.keep_denied
         store.commit(
             batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"), seq=batch.seq,
@@ -184,6 +215,8 @@ class Evaluator:
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
+        if self._threads:
+            self._threads.close()
 
 
 def build_app(settings: WorkerSettings, policies: PolicySet):
@@ -211,7 +244,8 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
         # a dead letter carries its record base64-encoded: 4/3 of the record plus the envelope
         producer_max_request_size=max(settings.max_record_bytes * 3 // 2 + 65536, 2 * 1_048_576),
         consumer_max_fetch_size=max(settings.max_record_bytes + 65536, 4 * 1024 * 1024),
-        stream_wait_empty=False,
+        # a revoked partition's batch in flight finishes before the new owner starts on it
+        stream_wait_empty=True,
         broker_session_timeout=15,
         broker_heartbeat_interval=3,
         broker_rebalance_timeout=30,
@@ -238,11 +272,27 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
     async def publish(verdict: Verdict) -> None:
         key = verdict.session_id.encode()
         await verdicts.send(key=key, value=verdict.model_dump_json().encode())
-        for v in verdict.violations:
+        for v in [*verdict.violations, *verdict._omitted]:
             alert = Alert.from_violation(v, verdict)
             await alerts.send(key=key, value=alert.model_dump_json().encode())
             if metrics:
                 metrics.alert_published(alert)
+
+    async def dead_letter(msg, source: SourceRef, rej: Rejected) -> None:
+        key_text = msg.key.decode("utf-8", "replace") if msg.key else None
+        dl = DeadLetter(kind=rej.kind, reason=rej.reason, source=source, key=key_text,
+                        value_b64=DeadLetter.encode(msg.value), size=len(msg.value or b""),
+                        session_id=rej.session_id, batch_id=rej.batch_id)
+        await deadletter.send(key=msg.key, value=dl.model_dump_json().encode())
+        if metrics:
+            metrics.dead_letter(rej.kind)
+        if rej.session_id and rej.batch_id:
+            if key_text == rej.session_id:  # its state lives on this partition: remember the deny
+                verdict, _ = await evaluator.reject(store, rej, source)
+            else:
+                verdict = Verdict(session_id=rej.session_id, batch_id=rej.batch_id, decision="deny",
+                                  reason=f"rejected record ({rej.kind}): {rej.reason}", source=source)
+            await publish(verdict)
 
     @app.agent(events, concurrency=1)
     async def process(stream):
@@ -250,31 +300,33 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
             msg = event.message
             source = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
             try:
-                batch = decode_batch(msg.key, msg.value, settings.max_record_bytes)
-            except Rejected as rej:
-                dl = DeadLetter(kind=rej.kind, reason=rej.reason, source=source,
-                                key=msg.key.decode("utf-8", "replace") if msg.key else None,
-                                value_b64=DeadLetter.encode(msg.value), size=len(msg.value or b""),
-                                session_id=rej.session_id, batch_id=rej.batch_id)
-                await deadletter.send(key=msg.key, value=dl.model_dump_json().encode())
-                if metrics:
-                    metrics.dead_letter(rej.kind)
-                if rej.session_id and rej.batch_id:
-                    verdict = Verdict(session_id=rej.session_id, batch_id=rej.batch_id, decision="deny",
-                                      reason=f"rejected record ({rej.kind}): {rej.reason}", source=source)
-                    await publish(verdict)
-                continue
-            if metrics:
-                metrics.batch_consumed(len(batch.events))
-            verdict, new = await evaluator.evaluate(store, batch, source)
-            await publish(verdict)
-            if metrics:
-                if not new:
-                    metrics.duplicate_batch()
-                else:
-                    metrics.observe_verdict(verdict, verdict.eval_ms / 1000.0, engine=verdict.engine)
-                    if verdict.reason and verdict.reason.startswith(FAILURE_PREFIXES):
-                        metrics.policy_failure("timeout" if "time budget" in verdict.reason else "error")
+                await handle(msg, source)
+            except Exception as exc:  # noqa: BLE001 - an agent that raises would skip the record silently
+                log.exception("processing %s failed", source)
+                try:
+                    await dead_letter(msg, source, Rejected(
+                        "internal", f"the worker failed on this record: {type(exc).__name__}: {exc}",
+                        msg.key.decode("utf-8", "replace") if msg.key else None, _batch_id_of(msg.value)))
+                except Exception:  # noqa: BLE001 - nothing more can be done for this record
+                    log.exception("could not dead-letter %s", source)
+
+    async def handle(msg, source: SourceRef) -> None:
+        try:
+            batch = decode_batch(msg.key, msg.value, settings.max_record_bytes)
+        except Rejected as rej:
+            await dead_letter(msg, source, rej)
+            return
+        if metrics:
+            metrics.batch_consumed(len(batch.events))
+        verdict, new = await evaluator.evaluate(store, batch, source)
+        await publish(verdict)
+        if metrics:
+            if not new:
+                metrics.duplicate_batch()
+            else:
+                metrics.observe_verdict(verdict, verdict.eval_ms / 1000.0, engine=verdict.engine)
+                if verdict.reason and verdict.reason.startswith(FAILURE_PREFIXES):
+                    metrics.policy_failure("timeout" if "time budget" in verdict.reason else "error")
 
     if metrics:
         @app.timer(10.0)
@@ -300,6 +352,14 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
 
     app.monitor_evaluator = evaluator  # type: ignore[attr-defined]
     return app
+
+
+def _batch_id_of(value: bytes | None) -> str | None:
+    try:
+        bid = json.loads(value or b"").get("batch_id")
+    except (ValueError, AttributeError):
+        return None
+    return bid if isinstance(bid, str) and bid else None
 
 
 def _metrics(settings: WorkerSettings):

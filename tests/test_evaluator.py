@@ -10,7 +10,7 @@ from traces import BENIGN, FLOW, SEND_EMAIL, USER_SEND
 from monitor.config import WorkerSettings
 from monitor.models import EventBatch
 from monitor.policy import PolicySet, load_policy_text
-from monitor.state import SessionStore, entry_key
+from monitor.state import HEAD_PREFIX, SessionStore, entry_key
 from monitor.worker import Evaluator, Rejected, decode_batch
 
 CRASH = '''
@@ -99,3 +99,66 @@ def test_decode_batch_rejects_with_a_reason(value, kind):
         decode_batch(b"s", value, max_bytes=1024)
     assert exc.value.kind == kind and exc.value.reason
     assert exc.value.session_id in ("s", "other")
+
+
+def test_a_rejected_batch_id_keeps_its_deny():
+    ev, store = evaluator(), SessionStore({})
+    with pytest.raises(Rejected) as exc:
+        decode_batch(b"s", b'{"session_id": "s", "batch_id": "b1", "events": 5}', 10_000)
+    deny, new = asyncio.run(ev.reject(store, exc.value, None))
+    assert new and deny.decision == "deny" and "rejected record" in deny.reason
+    # the agent resends a fixed record under the same batch id: it keeps its one verdict
+    again, new = run(ev, store, "b1", [BENIGN])
+    assert not new and again == deny
+
+
+def test_missing_state_records_fail_closed():
+    ev, store = evaluator(engine="reference"), SessionStore({})
+    run(ev, store, "b1", [USER_SEND])
+    del store.table[entry_key("p", "s", 0)]
+    v, _ = run(ev, store, "b2", [SEND_EMAIL])
+    assert v.decision == "deny" and "damaged" in v.reason
+
+
+class CrashAtHead(dict):
+    """A table whose process dies when armed and the head is about to be written."""
+
+    armed = False
+
+    def __setitem__(self, key, value):
+        if self.armed and key.startswith(HEAD_PREFIX):
+            raise SystemExit("crash")
+        super().__setitem__(key, value)
+
+
+def test_a_crash_before_the_head_leaves_a_readable_state():
+    table = CrashAtHead()
+    ev, store = evaluator(engine="reference", reference_max_history=2), SessionStore(table)
+    for i in range(2):
+        run(ev, store, f"b{i}", [BENIGN])
+    table.armed = True
+    with pytest.raises(SystemExit):
+        run(ev, store, "b2", [USER_SEND])  # would move the window: entry 0 is due for deletion
+    survivor = SessionStore(dict(table))  # what the changelog holds after the crash
+    again, _ = run(ev, survivor, "b2", [USER_SEND])  # the redelivery
+    assert again.decision == "allow"
+    v, _ = run(ev, survivor, "b3", [SEND_EMAIL])
+    assert v.decision == "deny" and v.violations[0].key == "(0, (2, 3))"
+
+
+def test_a_verdict_lists_a_bounded_number_of_violations():
+    many = '''
+raise "word" if:
+    (m: Message)
+    "w" in m.content
+'''
+    ev, store = evaluator(many, max_verdict_violations=3), SessionStore({})
+    v, _ = run(ev, store, "b1", [{"role": "user", "content": f"w{i}"} for i in range(10)])
+    assert len(v.violations) == 3 and v.violations_omitted == 7 and len(v._omitted) == 7
+    assert {x.key for x in v.violations} | {x.key for x in v._omitted} == {
+        f"(0, ({i},))" for i in range(10)}
+
+
+def test_a_record_without_a_key_is_rejected():
+    with pytest.raises(Rejected, match="no key"):
+        decode_batch(None, b'{"session_id": "s", "batch_id": "b", "events": []}', 10_000)

@@ -152,7 +152,8 @@ def consume(bootstrap: str, topic: str, *, until: int | None = None, timeout: fl
         while time.monotonic() < deadline:
             if until is not None and len(out) >= until:
                 break
-            if idle is not None and time.monotonic() - last > idle:
+            # the idle clock starts at the first record: a cold worker may take a while to answer
+            if idle is not None and out and time.monotonic() - last > idle:
                 break
             m = c.poll(0.2)
             if m is None or m.error():

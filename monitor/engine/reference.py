@@ -78,25 +78,31 @@ class _LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
         self.busy = 0
+        self._lock = threading.Lock()
 
     async def run(self, coro) -> Any:
-        self.busy += 1
-        fut: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        fut.add_done_callback(self._done)
+        with self._lock:
+            self.busy += 1
+        fut: Future = asyncio.run_coroutine_threadsafe(self._tracked(coro), self.loop)
         try:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
             fut.cancel()  # cancels the task on the other loop at its next await
             raise
 
-    def _done(self, _fut: Future) -> None:
-        self.busy -= 1
+    async def _tracked(self, coro) -> Any:
+        # busy until the work really ends on this thread, not when its caller gave up on it
+        try:
+            return await coro
+        finally:
+            with self._lock:
+                self.busy -= 1
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-class _LoopPool:
+class LoopPool:
     """Evaluation threads: a check abandoned at its time budget may still be unwinding on its thread,
     so the next check takes an idle thread instead of queueing behind it (at most ``size`` threads)."""
 
@@ -129,7 +135,7 @@ class ReferenceEngine(Engine):
         super().__init__(policy)
         self.local = policy.local
         self.max_history = max_history
-        self._thread = _LoopPool("reference-engine") if offload else None
+        self._thread = LoopPool("reference-engine") if offload else None
 
     async def analyze(self, past: list[dict], pending: list[dict]):
         """Run invariant-ai itself; raises :class:`EngineError` when the policy raises."""
