@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,13 +45,73 @@ def parse_batch(events: list[dict[str, Any]], first_idx: int,
     Returns the parsed events (``metadata.trace_idx`` set) and the new last call id.
     """
     prepared, running = prepared_events(events, last_call_id)
-    parsed = Input.parse_input(None, prepared)  # type: ignore[arg-type] - uses no instance state
+    return parse_prepared(prepared, first_idx), running
+
+
+def parse_prepared(prepared: list[Any], first_idx: int) -> list[Any]:
+    """:func:`parse_batch` for events :func:`prepared_events` made ready already."""
+    parsed = _parse_plain(prepared)
+    if parsed is None:
+        parsed = Input.parse_input(None, prepared)  # type: ignore[arg-type] - uses no instance state
     for k, event in enumerate(parsed):
         idx = first_idx + k
         event.metadata["trace_idx"] = idx
         for call in getattr(event, "tool_calls", None) or []:
             call.metadata["trace_idx"] = idx
-    return parsed, running
+    return parsed
+
+
+def _parse_plain(events: list[Any]) -> list[Any] | None:
+    """``Input.parse_input`` for messages, tool outputs and tool calls, without its deep copy.
+
+    The copy only guards the caller's dicts against the two edits parse_input makes (``server``
+    from metadata, string arguments decoded); here just the dicts being edited are copied, and the
+    models copy the top-level dicts they keep (``metadata``, ``arguments``), so the objects made
+    are equal to parse_input's. None for anything else (tool lists, non-dicts, a failure): the
+    caller runs parse_input itself, which then fails or warns exactly as invariant does.
+    """
+    out: list[Any] = []
+    tool_calls: dict[Any, Any] = {}
+    try:
+        for event in events:
+            if type(event) is not dict:
+                return None
+            if "metadata" in event and "server" in event["metadata"]:
+                event = {**event, "server": event["metadata"]["server"]}
+            if "role" in event:
+                if event["role"] != "tool":
+                    calls = event.get("tool_calls") or []
+                    if any(type(c["function"]["arguments"]) is str for c in calls):
+                        event = {**event, "tool_calls": [_decoded_args(c) for c in calls]}
+                    msg = Message(**event)
+                    out.append(msg)
+                    if msg.tool_calls is not None:
+                        for call in msg.tool_calls:
+                            tool_calls[call.id] = call
+                else:
+                    # prepared_events made tool_call_id explicit already
+                    if "tool_call_id" not in event:
+                        return None
+                    tool_out = ToolOutput(**event)
+                    if tool_out.tool_call_id in tool_calls:
+                        tool_out._tool_call = tool_calls[tool_out.tool_call_id]
+                    out.append(tool_out)
+            elif "type" in event:
+                call = ToolCall(**event)
+                tool_calls[call.id] = call
+                out.append(call)
+            else:
+                return None
+    except Exception:  # noqa: BLE001 - parse_input raises it again, with its own warning
+        return None
+    return out
+
+
+def _decoded_args(call: Any) -> Any:
+    if type(call["function"]["arguments"]) is not str:
+        return call
+    return {**call, "function": {**call["function"],
+                                 "arguments": json.loads(call["function"]["arguments"])}}
 
 
 def prepared_events(events: list[dict[str, Any]],
@@ -72,7 +133,7 @@ def prepared_events(events: list[dict[str, Any]],
     return out, running
 
 
-@dataclass
+@dataclass(slots=True)
 class Element:
     """One node of invariant's dataflow order: an event, or a tool call nested in a message."""
 
@@ -138,14 +199,19 @@ class EventIndex:
 
     def __init__(self) -> None:
         self._by_event: dict[int, tuple[Any, int, Any, Occurrences | None]] = {}
+        self._added: list[tuple[Any, int, int]] = []  # indexed on the first locate: most never are
 
     def add(self, event: Any, trace_idx: int, call_idx: int = -1) -> None:
         """Index ``event`` (or, with ``call_idx``, a tool call that sits in event ``trace_idx``'s
         ``tool_calls``) for locating marks on it."""
-        self._by_event.setdefault(id(event), (event, trace_idx, call_idx, None))
+        self._added.append((event, trace_idx, call_idx))
 
     def locate(self, obj_id: int) -> list[tuple[int, list[int], str]]:
         """(trace index, visiting order, path) of every place ``obj_id`` has in a known event."""
+        if self._added:
+            for event, trace_idx, call_idx in self._added:
+                self._by_event.setdefault(id(event), (event, trace_idx, call_idx, None))
+            self._added.clear()
         found = []
         for key, (event, idx, call_idx, occ) in list(self._by_event.items()):
             if occ is None:
@@ -316,6 +382,32 @@ async def evaluate(expr: Any, store: dict, globals_: Any, ctx: DirectContext,
     return Outcome(status, marks, leaks=leaks)
 
 
+# shared: callers only read an outcome
+_FALSE_OUTCOME, _TRUE_OUTCOME, _OTHER_OUTCOME = Outcome(FALSE), Outcome(TRUE), Outcome(OTHER)
+
+
+def evaluate_fast(fast: Any, store: dict, index: EventIndex) -> Outcome | None:
+    """:func:`evaluate` of a condition with a plain-Python evaluator (see :func:`compile_fast`),
+    without a coroutine; None when the interpreter must decide. Fast conditions assign nothing,
+    so nothing leaks into the store."""
+    spans: list[tuple[Any, int, int]] = []
+    try:
+        value = fast(store, spans)
+    except Exception:  # noqa: BLE001 - _Slow, or an error the interpreter reports in its words
+        return None
+    if value is False:
+        return _FALSE_OUTCOME
+    status = TRUE if (value is True or value is NOP) else OTHER
+    if not spans:
+        return _TRUE_OUTCOME if status == TRUE else _OTHER_OUTCOME
+    marks = []
+    for obj, start, end in spans:
+        suffix = f":{start}-{end}"
+        for idx, order, path in index.locate(id(obj)):
+            marks.append((idx, order, path + suffix))
+    return Outcome(status, marks)
+
+
 async def evaluate_value(expr: Any, store: dict, globals_: Any, ctx: DirectContext) -> Any:
     """Evaluate an expression to its value (e.g. a raise's ``PolicyViolation(...)``)."""
     token = INTERPRETER_STACK.set([])
@@ -363,6 +455,13 @@ def _access(node: Any, var_decls: set[int]) -> Any:
     decl = node.id
     members.reverse()
     models = (Message, ToolCall, ToolOutput, Function)
+    # the attributes each model's __invariant_attribute__ hands out as they are: a plain value
+    # read that way needs none of invariant_attr's checks (it would return it unchanged)
+    direct = {Message: {"role", "content", "tool_calls", "metadata"},
+              ToolCall: {"function", "type", "id", "metadata"},
+              ToolOutput: {"role", "content", "tool_call_id", "metadata"},
+              Function: {"name", "arguments"}}
+    plain = (str, int, float, bool, type(None))
 
     def get(store):
         obj = store[decl]
@@ -371,12 +470,26 @@ def _access(node: Any, var_decls: set[int]) -> Any:
             if t is dict and m in obj:
                 obj = obj[m]
             elif t in models:
+                if m in direct[t]:
+                    value = getattr(obj, m)
+                    if type(value) in plain:
+                        obj = value
+                        continue
                 obj = invariant_attr(obj, m)
             else:
                 raise _Slow()
         return obj
 
     return get
+
+
+def _regex(pattern: str) -> Any:
+    """``pattern`` compiled once (what re.match/re.finditer would use), None if it is invalid:
+    the interpreter then raises as invariant does."""
+    try:
+        return re.compile(pattern)
+    except re.error:
+        return None
 
 
 def _literal(node: Any) -> tuple[bool, Any]:
@@ -432,7 +545,7 @@ def _fast(node: Any, var_decls: set[int]) -> Any:
         get = _fast(node.left, var_decls)
         if get is None or isinstance(node.left, ast.BinaryExpr):
             return None
-        pattern = node.right.name + "$"
+        pattern = _regex(node.right.name + "$")
 
         def is_tool(store, spans):
             value = get(store)
@@ -440,7 +553,9 @@ def _fast(node: Any, var_decls: set[int]) -> Any:
                 raise _Slow()  # invariant follows the output to its call
             if type(value) is not ToolCall:
                 return None  # ToolCallMatcher.match returns None here
-            return re.match(pattern, value.function.name) is not None
+            if pattern is None:
+                raise _Slow()
+            return pattern.match(value.function.name) is not None
         return is_tool
     if op == "is" and type(node.right) is ast.UnaryExpr and node.right.op == "not" \
             and type(node.right.expr) is ast.NoneLiteral:
@@ -480,12 +595,16 @@ def _fast(node: Any, var_decls: set[int]) -> Any:
         if op == "is" and type(node.right) is ast.NoneLiteral:
             return lambda store, spans: get(store) is None
         if op == "in" and lit_l and type(lval) is str:
+            regex = _regex(lval)
+
             def contains(store, spans):
                 value = get(store)
                 if value is None:
                     return False  # '<value> in None' is False in invariant
                 if type(value) is str:
-                    for m in re.finditer(lval, value):  # the left side is a regex there
+                    if regex is None:
+                        raise _Slow()
+                    for m in regex.finditer(value):  # the left side is a regex there
                         spans.append((value, m.start(), m.end()))
                     return lval in value
                 if type(value) in (Contents, dict):
@@ -507,5 +626,6 @@ def _fast_bool(node: Any, var_decls: set[int]) -> Any:
 
 
 __all__ = ["Element", "EventIndex", "DirectContext", "Outcome", "Occurrences", "evaluate",
-           "evaluate_value", "flatten", "object_place", "parse_batch", "prepared_events",
+           "evaluate_fast", "evaluate_value", "flatten", "object_place", "parse_batch",
+           "parse_prepared", "prepared_events",
            "TRUE", "FALSE", "RAISE", "OTHER", "ToolCall", "ToolOutput", "Message"]

@@ -68,10 +68,12 @@ from monitor.engine.evaluator import (
     link_outputs,
     rebuild_call,
     evaluate,
+    evaluate_fast,
     evaluate_value,
     flatten,
     object_place,
     parse_batch,
+    parse_prepared,
     prepared_events,
 )
 from monitor.engine.reference import DEFAULT_MAX_HISTORY, _jsonable, _LoopThread, shift_address
@@ -92,6 +94,22 @@ class _Cand:
         self.new = new
 
 
+def _record_outcome(rec: dict[str, Any], cond: Any, out: Any) -> bool:
+    """Add one own condition's outcome to a candidate record; True when the body stops there."""
+    if out.status in (FALSE, RAISE):
+        rec["st"], rec["k"] = cond.pos, out.status
+        if out.error:
+            rec["err"] = out.error
+        return True
+    if out.status == OTHER:
+        rec["x"] = 1
+    if out.marks:
+        rec["rg"].extend([i, s, cond.pos, k, p] for k, (i, s, p) in enumerate(out.marks))
+    for n, (name, part, places) in enumerate(out.leaks):
+        rec.setdefault("lk", []).append([cond.pos, n, name, part, places])
+    return False
+
+
 class IncrementalEngine(Engine):
     """Compiled rules matched incrementally; rules that do not compile run on invariant-ai over the
     last ``max_history`` events. Verdicts, messages, keys and addresses equal the reference's."""
@@ -109,6 +127,9 @@ class IncrementalEngine(Engine):
         self._ctx = DirectContext(self.local.rule_set.symbol_table)
         self._tag = policy.sha256[:16]  # ties a state's candidates to this policy text
         self._links = any(r.links_outputs for r in self.compiled)
+        self._needs_raw = any(r.needs_object for r in self.compiled)
+        # per rule and variable: its own conditions, in body order
+        self._own = {r.index: [r.own_conds(v) for v in range(len(r.vars))] for r in self.compiled}
         self._sub = None
         self._thread = None
         if self.fallback:
@@ -151,15 +172,17 @@ class IncrementalEngine(Engine):
             # rules, so start afresh and let the log's old entries go
             head, log = self._fresh_head(), []
         length = state.length
+        # tool outputs made explicit once: parsing, kept events and call records all read them
+        prepared, last_call = prepared_events(pending, head.get("lc"))
         try:
-            parsed, last_call = parse_batch(pending, length, head.get("lc"))
+            parsed = parse_prepared(prepared, length)
         except Exception as exc:  # noqa: BLE001 - the reference fails the same way
             raise EngineError(f"{type(exc).__name__}: {exc}") from exc
         elements = flatten(parsed, head["flat"])
         index = EventIndex()
         for el in elements:
             index.add(el.event, el.trace_idx)
-        raw_prepared = prepared_events(pending, head.get("lc"))[0] if self._needs_raw() else None
+        raw_prepared = prepared if self._needs_raw else None
 
         # what the log holds, by rule and variable (candidates) and raw events for fallback rules
         old: dict[tuple[int, int], list[dict]] = {}
@@ -175,8 +198,7 @@ class IncrementalEngine(Engine):
                 past_calls[entry["id"]] = entry  # the latest call with an id wins, as in invariant
         links: dict[int, dict] = {}
         if self._links:
-            links = link_outputs(parsed, prepared_events(pending, head.get("lc"))[0], past_calls,
-                                 index)
+            links = link_outputs(parsed, prepared, past_calls, index)
 
         matches: list[Match] = []
         appended: list[dict] = []
@@ -203,7 +225,6 @@ class IncrementalEngine(Engine):
 
         if self._links:
             # tool calls a later output may name (its conditions see the linked call)
-            prepared = prepared_events(pending, head.get("lc"))[0]
             for el in elements:
                 if el.kind == "ToolCall":
                     rec = call_record(prepared[el.raw_pos], el.trace_idx, el.call_idx)
@@ -238,26 +259,38 @@ class IncrementalEngine(Engine):
     def _fresh_head(self) -> dict[str, Any]:
         return {"v": STATE_VERSION, "p": self._tag, "flat": 0, "lc": None, "tail": {}}
 
-    def _needs_raw(self) -> bool:
-        return any(r.needs_object for r in self.compiled)
+    def _own_record_fast(self, rule: CompiledRule, v: int, el: Element, index: EventIndex,
+                         raw: list[dict] | None) -> dict[str, Any] | None:
+        """:meth:`_own_record` when plain Python decides every condition (no coroutine); None
+        when one needs the interpreter."""
+        rec: dict[str, Any] = {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": []}
+        store = {rule.vars[v].decl: el.obj}
+        for cond in self._own[rule.index][v]:
+            if cond.fast is None:
+                return None
+            out = evaluate_fast(cond.fast, store, index)
+            if out is None:
+                return None
+            if _record_outcome(rec, cond, out):
+                break
+        return self._finish_record(rule, v, el, rec, raw)
 
     async def _own_record(self, rule: CompiledRule, v: int, el: Element, index: EventIndex,
                           raw: list[dict] | None) -> dict[str, Any]:
         """Evaluate variable ``v``'s own conditions on ``el``, in body order, once."""
         rec: dict[str, Any] = {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": []}
         store = {rule.vars[v].decl: el.obj}
-        for cond in rule.own_conds(v):
-            out = await evaluate(cond.expr, store, rule.globals, self._ctx, index, cond.fast)
-            if out.status in (FALSE, RAISE):
-                rec["st"], rec["k"] = cond.pos, out.status
-                if out.error:
-                    rec["err"] = out.error
+        for cond in self._own[rule.index][v]:
+            out = evaluate_fast(cond.fast, store, index) if cond.fast is not None else None
+            if out is None:  # the interpreter decides (fast=None: the fast path gave up already)
+                out = await evaluate(cond.expr, store, rule.globals, self._ctx, index, None)
+            if _record_outcome(rec, cond, out):
                 break
-            if out.status == OTHER:
-                rec["x"] = 1
-            rec["rg"].extend([i, s, cond.pos, k, p] for k, (i, s, p) in enumerate(out.marks))
-            for n, (name, part, places) in enumerate(out.leaks):
-                rec.setdefault("lk", []).append([cond.pos, n, name, part, places])
+        return self._finish_record(rule, v, el, rec, raw)
+
+    @staticmethod
+    def _finish_record(rule: CompiledRule, v: int, el: Element, rec: dict[str, Any],
+                       raw: list[dict] | None) -> dict[str, Any]:
         if rec.get("k") != FALSE:
             i, order, p = object_place(el)
             rec["rg"].append([i, order, len(rule.conds) + v, 0, p])
@@ -276,7 +309,9 @@ class IncrementalEngine(Engine):
             for el in elements:
                 if el.kind != var.type:
                     continue
-                rec = await self._own_record(rule, v, el, index, raw)
+                rec = self._own_record_fast(rule, v, el, index, raw)
+                if rec is None:
+                    rec = await self._own_record(rule, v, el, index, raw)
                 if v in rule.needs_object and id(el.obj) in links:
                     rec["kc"] = links[id(el.obj)]  # the call it is linked to, for re-reading
                 (failed if rec.get("k") == FALSE else new)[v].append(_Cand(rec, el, True))
