@@ -74,10 +74,15 @@ def _short_validation(exc: ValidationError, limit: int = 5) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int) -> EventBatch:
-    """Parse a record into an EventBatch or raise :class:`Rejected` with a reason a person can act on."""
+def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
+                 keyed: bool = True) -> EventBatch:
+    """Parse a record into an EventBatch or raise :class:`Rejected` with a reason a person can act on.
+
+    ``keyed=False`` is for records that never had a Kafka key (lines of a replayed file): no key
+    is then required, and the session id is the record's own.
+    """
     key_text = key.decode("utf-8", "replace") if key else None
-    if not key_text:
+    if keyed and not key_text:
         raise Rejected("invalid", "the record has no key: the key must be the session_id, so that a "
                        "session stays on one partition")
     if value is None:
@@ -102,7 +107,7 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int) -> Even
         batch = EventBatch.model_validate(data)
     except ValidationError as exc:
         raise Rejected("invalid", f"not a valid EventBatch: {_short_validation(exc)}", sid, bid) from None
-    if key_text != batch.session_id:
+    if keyed and key_text != batch.session_id:
         raise Rejected("invalid", f"the record key {key_text!r} is not its session_id "
                        f"{batch.session_id!r}: a session must stay on one partition", sid, bid)
     return batch
