@@ -57,6 +57,21 @@ class SessionHead(BaseModel):
 HEAD_PREFIX = f"h{_SEP}"
 
 
+def _head_record(head: SessionHead) -> dict[str, Any]:
+    """``head.model_dump()`` without pydantic's copying: the head dicts an engine writes are never
+    changed afterwards, so the record may share them.
+
+    >>> h = SessionHead(policies={"p": PolicyCursor(engine="e", head={"v": 1})}, recent=["b"])
+    >>> _head_record(h) == h.model_dump()
+    True
+    """
+    rec = {name: getattr(head, name) for name in SessionHead.model_fields}
+    rec["policies"] = {pid: {name: getattr(cur, name) for name in PolicyCursor.model_fields}
+                       for pid, cur in head.policies.items()}
+    rec["recent"] = list(head.recent)
+    return rec
+
+
 def head_key(session_id: str) -> str:
     return f"{HEAD_PREFIX}{session_id}"
 
@@ -72,13 +87,23 @@ def verdict_key(session_id: str, batch_id: str) -> str:
 class SessionStore:
     """Reads and commits session state and recent verdicts in a key-value table."""
 
+    HEAD_CACHE = 100_000  # sessions whose last written head is remembered (then it starts over)
+
     def __init__(self, table: MutableMapping[str, Any], verdict_memory: int = 64) -> None:
         self.table = table
         self.verdict_memory = verdict_memory
+        # the head this store last wrote per session, with the record it wrote: a table that hands
+        # back that very record (a dict, faust's memory store) needs no validation of it again
+        self._heads: dict[str, tuple[Any, SessionHead]] = {}
 
     def head(self, session_id: str) -> SessionHead:
         raw = self.table.get(head_key(session_id))
-        return SessionHead.model_validate(raw) if raw else SessionHead()
+        if not raw:
+            return SessionHead()
+        mine = self._heads.get(session_id)
+        if mine is not None and mine[0] is raw:
+            return mine[1]
+        return SessionHead.model_validate(raw)
 
     def known_verdict(self, head: SessionHead, session_id: str, batch_id: str) -> dict[str, Any] | None:
         """The verdict this batch already got, if it is among the remembered recent batches."""
@@ -136,7 +161,11 @@ class SessionStore:
             batches=head.batches + 1,
             updated_at=time.time(),
         )
-        self.table[head_key(session_id)] = new_head.model_dump()
+        record = _head_record(new_head)
+        self.table[head_key(session_id)] = record
+        if len(self._heads) >= self.HEAD_CACHE:
+            self._heads.clear()
+        self._heads[session_id] = (record, new_head)
         # deletes only after the head: a crash before them leaves stray records, never a head that
         # names a missing one
         for key in dropped:

@@ -56,7 +56,9 @@ def parse_prepared(prepared: list[Any], first_idx: int) -> list[Any]:
     for k, event in enumerate(parsed):
         idx = first_idx + k
         event.metadata["trace_idx"] = idx
-        for call in getattr(event, "tool_calls", None) or []:
+        # only messages have tool calls; getattr on other pydantic models raises inside first
+        calls = event.tool_calls if type(event) is Message else getattr(event, "tool_calls", None)
+        for call in calls or []:
             call.metadata["trace_idx"] = idx
     return parsed
 
