@@ -207,7 +207,8 @@ class Evaluator:
         cap = self.settings.max_verdict_violations
         verdict = Verdict(decision=decision, violations=violations[:cap], eval_ms=eval_ms,
                           violations_omitted=max(0, len(violations) - cap), **verdict_fields)
-        verdict._omitted = violations[cap:]  # not on the wire: their alerts still go out
+        if len(violations) > cap:  # (a private attribute set costs: only when some are left out)
+            verdict._omitted = violations[cap:]  # not on the wire: their alerts still go out
         joins = decision == "allow" or self.settings.keep_denied
         store.commit(
             batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"), seq=batch.seq,

@@ -57,7 +57,9 @@ def parse_prepared(prepared: list[Any], first_idx: int) -> list[Any]:
         idx = first_idx + k
         event.metadata["trace_idx"] = idx
         # only messages have tool calls; getattr on other pydantic models raises inside first
-        calls = event.tool_calls if type(event) is Message else getattr(event, "tool_calls", None)
+        t = type(event)
+        calls = event.tool_calls if t is Message else (
+            None if t is ToolOutput or t is ToolCall else getattr(event, "tool_calls", None))
         for call in calls or []:
             call.metadata["trace_idx"] = idx
     return parsed
