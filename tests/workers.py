@@ -137,20 +137,25 @@ def batch(session_id: str, events: list[dict], batch_id: str | None = None, **kw
 
 
 def consume(bootstrap: str, topic: str, *, until: int | None = None, timeout: float = 60.0,
-            idle: float | None = None) -> list[dict]:
+            idle: float | None = None, to_end: bool = False) -> list[dict]:
     """Read a topic from the beginning as JSON dicts; stop at ``until`` records, after ``idle``
-    seconds without a record, or at ``timeout``."""
+    seconds without a record, once every partition's end (as it was at the start) is read
+    (``to_end``), or at ``timeout``."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
                   "auto.offset.reset": "earliest", "enable.auto.commit": False})
     md = c.list_topics(topic, timeout=10)
     parts = md.topics[topic].partitions if topic in md.topics else {}
     c.assign([TopicPartition(topic, p, 0) for p in parts] or [TopicPartition(topic, 0, 0)])
+    ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    position = {p: 0 for p in parts}
     out: list[dict] = []
     deadline = time.monotonic() + timeout
     last = time.monotonic()
     try:
         while time.monotonic() < deadline:
             if until is not None and len(out) >= until:
+                break
+            if to_end and all(position[p] >= ends[p] for p in parts):
                 break
             # the idle clock starts at the first record: a cold worker may take a while to answer
             if idle is not None and out and time.monotonic() - last > idle:
@@ -159,6 +164,7 @@ def consume(bootstrap: str, topic: str, *, until: int | None = None, timeout: fl
             if m is None or m.error():
                 continue
             last = time.monotonic()
+            position[m.partition()] = m.offset() + 1
             rec = json.loads(m.value())
             rec["_partition"], rec["_offset"] = m.partition(), m.offset()
             out.append(rec)
@@ -187,6 +193,64 @@ def raw_values(bootstrap: str, topic: str, timeout: float = 30.0, idle: float = 
             last = time.monotonic()
             if m.value() is not None:
                 out.append(m.value())
+    finally:
+        c.close()
+    return out
+
+
+class Tail:
+    """A consumer that keeps its position: counts a topic's records as they arrive."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tail-{uuid.uuid4().hex}",
+                                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        md = self.consumer.list_topics(topic, timeout=10)
+        self.consumer.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
+        self.count = 0
+
+    def wait_for(self, n: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.count < n:
+            assert time.monotonic() < deadline, f"only {self.count} of {n} records after {timeout}s"
+            m = self.consumer.poll(0.1)
+            if m is not None and not m.error():
+                self.count += 1
+        return self.count
+
+    def __enter__(self) -> "Tail":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.consumer.close()
+
+
+def consume_covering(bootstrap: str, topic: str, keys: set[tuple[str, str]], timeout: float = 120.0
+                     ) -> list[dict]:
+    """Read verdict-like records from the beginning until every ``(session_id, batch_id)`` in
+    ``keys`` was seen (duplicates can arrive first, so a count is not enough), then to the end."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
+    c.assign([TopicPartition(topic, p, 0) for p in parts])
+    out: list[dict] = []
+    missing = set(keys)
+    position = {p: 0 for p in parts}
+    deadline = time.monotonic() + timeout
+    ends: dict[int, int] | None = None
+    try:
+        while time.monotonic() < deadline:
+            if not missing and ends is None:
+                ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+            if ends is not None and all(position[p] >= ends[p] for p in parts):
+                break
+            m = c.poll(0.2)
+            if m is None or m.error():
+                continue
+            position[m.partition()] = m.offset() + 1
+            rec = json.loads(m.value())
+            rec["_partition"], rec["_offset"] = m.partition(), m.offset()
+            out.append(rec)
+            missing.discard((rec["session_id"], rec["batch_id"]))
     finally:
         c.close()
     return out
