@@ -8,11 +8,10 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from monitor import cli
 from monitor.cli import main
@@ -25,6 +24,7 @@ from monitor.topics import create_topics
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "examples" / "policies"
 SESSIONS = ROOT / "examples" / "sessions"
+from workers import read_messages
 
 
 def closed_address() -> str:
@@ -183,20 +183,6 @@ def topics(kafka_bootstrap: str, topic_prefix: str) -> TopicNames:
     return TopicNames.for_prefix(topic_prefix)
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}", "enable.auto.commit": False})
-    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    out: list = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < expected and time.monotonic() < deadline:
-            m = c.poll(0.2)
-            if m is not None and not m.error():
-                out.append(m)
-    finally:
-        c.close()
-    return out
 
 
 def test_produce_jsonl_lands_records(kafka_bootstrap: str, topics: TopicNames, tmp_path: Path,
@@ -212,7 +198,7 @@ def test_produce_jsonl_lands_records(kafka_bootstrap: str, topics: TopicNames, t
     assert main(["produce", str(f), "-b", kafka_bootstrap, "--prefix", topics.prefix, "--json"]) == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [p["session_id"] for p in printed] == ["s1", "s1", "s2"]
-    records = read_topic(kafka_bootstrap, topics.events, 3)
+    records = read_messages(kafka_bootstrap, topics.events, 3)
     batches = [EventBatch.model_validate_json(m.value()) for m in records]
     assert {"b1", "b2"} <= {b.batch_id for b in batches}
     assert {m.key() for m in records} == {b"s1", b"s2"}

@@ -32,6 +32,7 @@ from monitor.topics import create_topics
 
 EVENTS_PARTITIONS = 6
 USER = {"role": "user", "content": "hello"}
+from workers import read_messages
 
 
 def java_murmur2(data: bytes) -> int:
@@ -86,22 +87,6 @@ def client(kafka_bootstrap: str, topics: TopicNames) -> Iterator[MonitorClient]:
         yield c
 
 
-def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list:
-    """Every record of ``topic`` from the beginning (raw confluent-kafka messages)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
-                  "enable.auto.commit": False})
-    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    out = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < expected and time.monotonic() < deadline:
-            m = c.poll(0.2)
-            if m is not None and not m.error():
-                out.append(m)
-    finally:
-        c.close()
-    return out
 
 
 class FakeResponder:
@@ -158,7 +143,7 @@ def test_submit_lands_on_the_murmur2_partition(kafka_bootstrap: str, topics: Top
              for i in range(6)]
     assert client.flush(30) == 0 and client.delivery_errors == []
     sent += extra
-    records = read_all(kafka_bootstrap, topics.events, len(sent))
+    records = read_messages(kafka_bootstrap, topics.events, len(sent))
     assert len(records) == len(sent)
     aiokafka_partitioner = DefaultPartitioner()
     all_parts = list(range(EVENTS_PARTITIONS))

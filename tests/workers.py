@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from monitor.config import TopicNames, WorkerSettings
 from monitor.models import EventBatch
@@ -251,6 +251,24 @@ def consume_covering(bootstrap: str, topic: str, keys: set[tuple[str, str]], tim
             rec["_partition"], rec["_offset"] = m.partition(), m.offset()
             out.append(rec)
             missing.discard((rec["session_id"], rec["batch_id"]))
+    finally:
+        c.close()
+    return out
+
+
+def read_messages(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list:
+    """The first ``expected`` records of ``topic`` from the beginning, as raw confluent-kafka messages."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
+                  "enable.auto.commit": False})
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    out: list = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is not None and not m.error():
+                out.append(m)
     finally:
         c.close()
     return out
