@@ -54,12 +54,11 @@ import copy
 from typing import Any
 
 from monitor.engine.base import CheckResult, Engine, EngineError, RuleInfo, SessionState
-from monitor.engine.compiler import ARROW, DECL, JOIN, OWN, CompiledRule, RulePlan, compile_policy
+from monitor.engine.compiler import ARROW, DECL, OWN, CompiledRule, RulePlan, compile_policy
 from monitor.engine.evaluator import (
     FALSE,
     OTHER,
     RAISE,
-    TRUE,
     DirectContext,
     Element,
     EventIndex,
@@ -76,7 +75,7 @@ from monitor.engine.evaluator import (
     parse_prepared,
     prepared_events,
 )
-from monitor.engine.reference import DEFAULT_MAX_HISTORY, _jsonable, _LoopThread, shift_address
+from monitor.engine.reference import DEFAULT_MAX_HISTORY, LoopPool, jsonable, shift_address
 from monitor.models import Match
 from monitor.policy import LoadedPolicy
 
@@ -140,7 +139,7 @@ class IncrementalEngine(Engine):
                                    symbol_table=self.local.rule_set.symbol_table, cached=False)
             sub.cached = False
             self._sub = sub
-            self._thread = _LoopThread("incremental-fallback") if offload else None
+            self._thread = LoopPool("incremental-fallback") if offload else None
 
     # -- public API ------------------------------------------------------------------------
 
@@ -469,7 +468,7 @@ class IncrementalEngine(Engine):
         except Exception as err:  # noqa: BLE001 - the reference aborts the same way
             raise EngineError(f"rule {rule.index}: {type(err).__name__}: {err}") from err
         if isinstance(exc, ErrorInformation):
-            return " ".join(str(a) for a in exc.args), {k: _jsonable(v) for k, v in exc.kwargs.items()}
+            return " ".join(str(a) for a in exc.args), {k: jsonable(v) for k, v in exc.kwargs.items()}
         if exc is None:
             return None, {}
         return str(exc), {}
@@ -499,5 +498,5 @@ class IncrementalEngine(Engine):
                 rule, key = -1, str(err.key)
             out.append(Match(rule_index=rule, message=" ".join(str(a) for a in err.args), key=key,
                              addresses=[shift_address(r.json_path, offset) for r in err.ranges],
-                             kwargs={k: _jsonable(v) for k, v in err.kwargs.items()}))
+                             kwargs={k: jsonable(v) for k, v in err.kwargs.items()}))
         return out

@@ -25,7 +25,8 @@ os.environ.setdefault("INVARIANT_MAX_ITERATIONS", str(10**12))
 DEFAULT_MAX_HISTORY = 2000
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` if JSON can hold it, else its string (error arguments cross the wire)."""
     try:
         json.dumps(value)
         return value
@@ -66,7 +67,7 @@ def error_to_match(error: Any, offset: int, rule_index: int | None = None) -> Ma
         message=message,
         key=key,
         addresses=[shift_address(r.json_path, offset) for r in error.ranges],
-        kwargs={k: _jsonable(v) for k, v in error.kwargs.items()},
+        kwargs={k: jsonable(v) for k, v in error.kwargs.items()},
     )
 
 
