@@ -94,16 +94,31 @@ class TopicMissing(MonitorError):
 
 
 class PublishError(MonitorError):
-    """Kafka did not acknowledge a record."""
+    """Kafka did not acknowledge a record.
+
+    ``batch`` is the batch that was being published: retry with ``check_batch(err.batch)`` (same
+    ``batch_id``), never by calling ``check`` again, which would make a new batch whose events
+    join the session's past a second time if the first one did arrive.
+    """
+
+    def __init__(self, message: str, batch: EventBatch | None = None) -> None:
+        super().__init__(message)
+        self.batch = batch
 
 
 class VerdictTimeout(MonitorError, TimeoutError):
-    """No verdict for the batch arrived in time (is a worker running for this prefix?)."""
+    """No verdict for the batch arrived in time (is a worker running for this prefix?).
 
-    def __init__(self, session_id: str, batch_id: str, timeout: float, topic: str) -> None:
+    ``batch`` is the batch that is waiting: retrying with ``check_batch(err.batch)`` keeps its
+    ``batch_id``, so the worker answers it once.
+    """
+
+    def __init__(self, session_id: str, batch_id: str, timeout: float, topic: str,
+                 batch: EventBatch | None = None) -> None:
         self.session_id = session_id
         self.batch_id = batch_id
         self.timeout = timeout
+        self.batch = batch
         super().__init__(
             f"no verdict for session {session_id!r} batch {batch_id!r} on {topic} within {timeout:g}s: "
             "is a monitor worker running for this prefix (agent-monitor run --policy ...)?"
@@ -426,7 +441,8 @@ class MonitorClient:
             except BufferError:  # local queue full: serve callbacks, then retry
                 producer.poll(0.1)
             except KafkaException as exc:
-                raise PublishError(f"cannot publish to {self.topics.events}: {_kafka_error_text(exc)}") from None
+                raise PublishError(f"cannot publish to {self.topics.events}: {_kafka_error_text(exc)}",
+                                   batch) from None
         if not wait:
             producer.poll(0)
             return batch
@@ -435,13 +451,14 @@ class MonitorClient:
         while not done.is_set():
             if time.monotonic() > deadline:
                 raise PublishError(f"{self.topics.events}: no acknowledgement for batch "
-                                   f"{batch.batch_id!r} within {timeout}s")
+                                   f"{batch.batch_id!r} within {timeout}s", batch)
             producer.poll(0.05)
         err = outcome["err"]
         if err is not None:
             if err.code() in _UNREACHABLE_CODES():
                 raise BrokerUnreachable(self.bootstrap_servers, timeout or 30.0, err.str())
-            raise PublishError(f"{self.topics.events}: batch {batch.batch_id!r} not delivered: {err.str()}")
+            raise PublishError(f"{self.topics.events}: batch {batch.batch_id!r} not delivered: {err.str()}",
+                               batch)
         self.last_partition = outcome["msg"].partition()
         self.last_offset = outcome["msg"].offset()
         return batch
@@ -481,7 +498,8 @@ class MonitorClient:
             try:
                 return fut.result(left)
             except FutureTimeout:
-                raise VerdictTimeout(batch.session_id, batch.batch_id, timeout, self.topics.verdicts) from None
+                raise VerdictTimeout(batch.session_id, batch.batch_id, timeout, self.topics.verdicts,
+                                     batch) from None
         finally:
             listener.forget(batch.session_id, batch.batch_id, fut)
 
@@ -517,7 +535,8 @@ class MonitorClient:
                 await asyncio.to_thread(self.publish, batch, timeout)
                 return await asyncio.wrap_future(fut)
         except TimeoutError:
-            raise VerdictTimeout(batch.session_id, batch.batch_id, timeout, self.topics.verdicts) from None
+            raise VerdictTimeout(batch.session_id, batch.batch_id, timeout, self.topics.verdicts,
+                                     batch) from None
         finally:
             listener.forget(batch.session_id, batch.batch_id, fut)
 

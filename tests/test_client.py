@@ -232,6 +232,9 @@ def test_check_times_out_without_a_worker(topics: TopicNames, client: MonitorCli
     assert info.value.session_id == "lonely" and info.value.batch_id == "b-lonely"
     assert "b-lonely" in str(info.value) and topics.verdicts in str(info.value)
     assert isinstance(info.value, TimeoutError)
+    # what a retry needs: the very batch, so the worker answers its batch_id once
+    assert info.value.batch is not None and info.value.batch.batch_id == "b-lonely"
+    assert info.value.batch.trace() == [USER]
 
     async def acheck() -> None:
         await client.acheck("lonely", [USER], timeout=1.0)
