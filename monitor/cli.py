@@ -151,6 +151,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "metrics_port": args.metrics_port, "store": args.store, "data_dir": args.data_dir,
         "worker_id": args.worker_id, "log_level": args.log_level,
         "max_record_bytes": args.max_record_bytes, "create_topics": not args.no_create_topics,
+        "max_verdict_violations": args.max_verdict_violations, "verdict_memory": args.verdict_memory,
+        "reference_max_history": args.history,
     }
     settings = WorkerSettings(**{k: v for k, v in fields.items() if v is not None})
     print(f"agent-monitor: serving {', '.join(p.policy_id for p in policies)} on "
@@ -384,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-denied", action="store_true", help="denied batches join the session's past")
     p.add_argument("--max-record-bytes", type=_int_at_least(1024), metavar="BYTES",
                    help="larger records are dead-lettered (default 1000000)")
+    p.add_argument("--max-verdict-violations", type=_int_at_least(1), metavar="N",
+                   help="violations listed in one verdict; the rest are counted, their alerts still go out "
+                        "(default 200)")
+    p.add_argument("--verdict-memory", type=_int_at_least(1), metavar="N",
+                   help="recent batches per session whose verdict a redelivery repeats (default 64)")
+    p.add_argument("--history", type=_int_at_least(1), metavar="EVENTS",
+                   help="events of the past the reference engine (and rules the incremental engine cannot "
+                        "compile) see (default 2000)")
     p.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus /metrics on this port")
     p.add_argument("--store", type=_store, help="session table store: memory:// (default) or rocksdb://")
     p.add_argument("--data-dir", help="folder for the worker's local state")
