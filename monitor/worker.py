@@ -300,21 +300,31 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
                                   reason=f"rejected record ({rej.kind}): {rej.reason}", source=source)
             await publish(verdict)
 
+    gaps = GapGuard(settings.bootstrap_servers, topics.events, settings.group)
+
     @app.agent(events, concurrency=1)
     async def process(stream):
         async for event in stream.events():
             msg = event.message
-            source = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+            # faust can hand over a partition's records with a hole after a restart or rebalance
+            # (its recovery clears queues while the fetcher runs on; faust #596/#606) and then
+            # commits past it: read what the hole held and process it first, in order
+            for missed in await gaps.missing(msg.partition, msg.offset):
+                await guarded(missed)
+            await guarded(msg)
+
+    async def guarded(msg) -> None:
+        source = SourceRef(topic=msg.topic, partition=msg.partition, offset=msg.offset)
+        try:
+            await handle(msg, source)
+        except Exception as exc:  # noqa: BLE001 - an agent that raises would skip the record silently
+            log.exception("processing %s failed", source)
             try:
-                await handle(msg, source)
-            except Exception as exc:  # noqa: BLE001 - an agent that raises would skip the record silently
-                log.exception("processing %s failed", source)
-                try:
-                    await dead_letter(msg, source, Rejected(
-                        "internal", f"the worker failed on this record: {type(exc).__name__}: {exc}",
-                        msg.key.decode("utf-8", "replace") if msg.key else None, _batch_id_of(msg.value)))
-                except Exception:  # noqa: BLE001 - nothing more can be done for this record
-                    log.exception("could not dead-letter %s", source)
+                await dead_letter(msg, source, Rejected(
+                    "internal", f"the worker failed on this record: {type(exc).__name__}: {exc}",
+                    msg.key.decode("utf-8", "replace") if msg.key else None, _batch_id_of(msg.value)))
+            except Exception:  # noqa: BLE001 - nothing more can be done for this record
+                log.exception("could not dead-letter %s", source)
 
     async def handle(msg, source: SourceRef) -> None:
         try:
@@ -339,6 +349,10 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
         async def _count_sessions() -> None:
             metrics.set_sessions(sum(1 for k in list(table.keys()) if k.startswith(HEAD_PREFIX)))
 
+    @app.on_partitions_revoked.connect
+    async def _revoked(sender, revoked, **kwargs) -> None:  # noqa: ARG001 - faust signal signature
+        gaps.forget(tp.partition for tp in revoked if tp.topic == topics.events)
+
     @app.on_rebalance_complete.connect
     async def _ready(sender, **kwargs) -> None:  # noqa: ARG001 - faust signal signature
         assigned = app.assignor.assigned_actives()
@@ -358,6 +372,85 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
 
     app.monitor_evaluator = evaluator  # type: ignore[attr-defined]
     return app
+
+
+class _Record:
+    """A record read around faust, shaped like the faust messages the agent handles."""
+
+    def __init__(self, m) -> None:
+        self.topic, self.partition, self.offset = m.topic(), m.partition(), m.offset()
+        self.key, self.value = m.key(), m.value()
+
+
+class GapGuard:
+    """Notices when faust skips offsets of an events partition and reads the skipped records.
+
+    The expected next offset of a partition starts at the group's committed offset (what a new
+    owner must resume from) and then follows the records processed. Offsets a transaction marker
+    holds are simply not returned by the read, so they are no false alarm.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+        self.bootstrap, self.topic, self.group = bootstrap, topic, group
+        self.next: dict[int, int] = {}
+
+    def forget(self, partitions) -> None:
+        for p in partitions:
+            self.next.pop(p, None)
+
+    async def missing(self, partition: int, offset: int) -> list[_Record]:
+        expected = self.next.get(partition)
+        if expected is None:
+            expected = await asyncio.to_thread(self._committed, partition)
+        self.next[partition] = max(offset + 1, self.next.get(partition, 0))
+        if expected is None or offset <= expected:
+            return []
+        log.warning("events partition %d: offsets %d..%d were skipped by the consumer; reading them",
+                    partition, expected, offset - 1)
+        return await asyncio.to_thread(self._read, partition, expected, offset)
+
+    def _consumer(self, group: str):
+        from confluent_kafka import Consumer
+
+        return Consumer({"bootstrap.servers": self.bootstrap, "group.id": group,
+                         "enable.auto.commit": False, "isolation.level": "read_committed",
+                         "auto.offset.reset": "earliest"})
+
+    def _committed(self, partition: int) -> int | None:
+        from confluent_kafka import TopicPartition
+
+        c = self._consumer(self.group)
+        try:
+            (tp,) = c.committed([TopicPartition(self.topic, partition)], timeout=10)
+            return tp.offset if tp.offset >= 0 else None
+        except Exception:  # noqa: BLE001 - without it the guard only follows what it sees
+            log.warning("could not read the committed offset of partition %d", partition)
+            return None
+        finally:
+            c.close()
+
+    def _read(self, partition: int, start: int, end: int) -> list[_Record]:
+        from confluent_kafka import TopicPartition
+
+        c = self._consumer(f"{self.group}-gap-reader")
+        out: list[_Record] = []
+        try:
+            c.assign([TopicPartition(self.topic, partition, start)])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                m = c.poll(0.5)
+                if m is None:
+                    continue
+                if m.error():
+                    continue
+                if m.offset() >= end:
+                    break
+                out.append(_Record(m))
+                if m.offset() == end - 1:
+                    break
+        finally:
+            c.close()
+        return out
 
 
 def _batch_id_of(value: bytes | None) -> str | None:
