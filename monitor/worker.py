@@ -44,7 +44,7 @@ from monitor.models import (
     Violation,
 )
 from monitor.policy import LoadedPolicy, PolicySet, load_policy_set
-from monitor.state import HEAD_PREFIX, SessionStore, StateCorrupted
+from monitor.state import HEAD_PREFIX, SessionHead, SessionStore, StateCorrupted
 
 log = logging.getLogger("agent_monitor.worker")
 
@@ -113,6 +113,17 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
     return batch
 
 
+_SAME: Any = object()
+
+
+def _remember(store: SessionStore, head: SessionHead, verdict: Verdict, seq: int | None = _SAME,
+              **state: Any) -> Verdict:
+    """Commit ``verdict`` (and, in ``state``, the session state it brings) for its batch."""
+    store.commit(verdict.session_id, head, verdict.batch_id, verdict.model_dump(mode="json"),
+                 seq=verdict.seq if seq is _SAME else seq, **state)
+    return verdict
+
+
 class Evaluator:
     """The engine side of the worker, free of Kafka: also what tests and replay can drive."""
 
@@ -141,8 +152,7 @@ class Evaluator:
             return Verdict.model_validate(known), False
         verdict = Verdict(session_id=sid, batch_id=bid, decision="deny", source=source,
                           reason=f"rejected record ({rejected.kind}): {rejected.reason}")
-        store.commit(sid, head, bid, verdict.model_dump(mode="json"))
-        return verdict, True
+        return _remember(store, head, verdict, seq=None), True
 
     async def evaluate(self, store: SessionStore, batch: EventBatch,
                        source: SourceRef | None) -> tuple[Verdict, bool]:
@@ -159,9 +169,7 @@ class Evaluator:
         except KeyError as exc:
             verdict = Verdict(decision="deny", reason=str(exc.args[0]), policy_id=batch.policy,
                               **verdict_fields)
-            store.commit(batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"),
-                         seq=batch.seq)
-            return verdict, True
+            return _remember(store, head, verdict), True
         engine = self.engines[policy.policy_id]
         verdict_fields.update(policy_id=policy.policy_id, policy_sha256=policy.sha256, engine=engine.name)
 
@@ -169,8 +177,8 @@ class Evaluator:
             verdict = Verdict(decision="deny", reason=(
                 f"out of order: seq {batch.seq} arrived after seq {head.last_seq} of this session"),
                 **verdict_fields)
-            store.commit(batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"))
-            return verdict, True
+            # a stale seq does not move the session's last seq
+            return _remember(store, head, verdict, seq=None), True
 
         result = None
         reason = None
@@ -198,9 +206,7 @@ class Evaluator:
         if result is None:
             decision = "deny" if self.settings.fail_closed else "allow"
             verdict = Verdict(decision=decision, reason=reason, eval_ms=eval_ms, **verdict_fields)
-            store.commit(batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"),
-                         seq=batch.seq)
-            return verdict, True
+            return _remember(store, head, verdict), True
 
         violations = [Violation.from_match(m, batch.session_id, policy.sha256) for m in result.matches]
         decision = "deny" if violations else "allow"
@@ -210,8 +216,8 @@ class Evaluator:
         if len(violations) > cap:  # (a private attribute set costs: only when some are left out)
             verdict._omitted = violations[cap:]  # not on the wire: their alerts still go out
         joins = decision == "allow" or self.settings.keep_denied
-        store.commit(
-            batch.session_id, head, batch.batch_id, verdict.model_dump(mode="json"), seq=batch.seq,
+        _remember(
+            store, head, verdict,
             policy_id=policy.policy_id if joins else None,
             new_state=result.advance(state) if joins else None,
             appended=result.appended if joins else None,
