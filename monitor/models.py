@@ -27,8 +27,9 @@ from pydantic import (
     Field,
     PrivateAttr,
     Tag,
-    field_serializer,
+    with_config,
 )
+from typing_extensions import NotRequired, TypedDict
 
 SCHEMA_VERSION = 1
 
@@ -41,41 +42,45 @@ def utcnow() -> datetime:
 
 
 class _Open(BaseModel):
-    """Events keep every field the agent sent: policies may read any of them."""
+    """Metadata keeps every field the agent sent."""
 
     model_config = ConfigDict(extra="allow")
 
 
-class FunctionCall(_Open):
-    name: str = Field(min_length=1)
-    arguments: dict[str, Any] | str = Field(default_factory=dict)
+# Events are validated but stay plain dicts (TypedDicts): the policy must see exactly what the
+# agent sent, and a dict needs no dump before the engine reads it (the hot path of replay).
+_OPEN_DICT = ConfigDict(extra="allow")
 
 
-class ToolCall(_Open):
+@with_config(_OPEN_DICT)
+class FunctionCall(TypedDict):
+    name: Annotated[str, Field(min_length=1)]
+    arguments: NotRequired[dict[str, Any] | str]
+
+
+@with_config(_OPEN_DICT)
+class ToolCall(TypedDict):
     """A tool call, inside an assistant message or as an event of its own."""
 
-    id: str | None = None
-    type: Literal["function"] = "function"
+    id: NotRequired[str | None]
+    type: NotRequired[Literal["function"]]
     function: FunctionCall
 
 
-class ChatMessage(_Open):
+@with_config(_OPEN_DICT)
+class ChatMessage(TypedDict):
     """An OpenAI-style chat message (user, assistant, system, developer or tool output)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
-    metadata: dict[str, Any] | None = None
+    content: NotRequired[str | list[dict[str, Any]] | None]
+    tool_calls: NotRequired[list[ToolCall] | None]
+    tool_call_id: NotRequired[str | None]
+    metadata: NotRequired[dict[str, Any] | None]
 
 
 def _event_kind(value: Any) -> str | None:
     if isinstance(value, dict):
         return "tool_call" if "function" in value and "role" not in value else "message"
-    if isinstance(value, ToolCall):
-        return "tool_call"
-    if isinstance(value, ChatMessage):
-        return "message"
     return None
 
 
@@ -105,14 +110,9 @@ class EventBatch(BaseModel):
     metadata: BatchMetadata = Field(default_factory=BatchMetadata)
     produced_at: datetime = Field(default_factory=utcnow)
 
-    @field_serializer("events")
-    def _events_as_sent(self, events: list[Any]) -> list[dict[str, Any]]:
-        # unset optional fields stay absent: the policy sees what the agent sent
-        return [e.model_dump(mode="json", exclude_unset=True) for e in events]
-
     def trace(self) -> list[dict[str, Any]]:
         """The events exactly as the agent sent them, in Invariant's input format."""
-        return [e.model_dump(mode="json", exclude_unset=True) for e in self.events]
+        return list(self.events)
 
 
 class SourceRef(BaseModel):

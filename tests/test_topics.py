@@ -130,7 +130,7 @@ def test_message_with_extra_function_field_is_valid_in_schema_and_model():
     record = {"session_id": "s", "batch_id": "b",
               "events": [{"role": "assistant", "content": "x", "function": {"name": "f"}}]}
     jsonschema.validate(record, schema, cls=jsonschema.Draft202012Validator)
-    assert EventBatch.model_validate(record).events[0].role == "assistant"
+    assert EventBatch.model_validate(record).events[0]["role"] == "assistant"
 
 
 # -- (b) the spec --------------------------------------------------------------------------------
