@@ -48,12 +48,19 @@ def parse_batch(events: list[dict[str, Any]], first_idx: int,
     return parse_prepared(prepared, first_idx), running
 
 
-def parse_prepared(prepared: list[Any], first_idx: int) -> list[Any]:
-    """:func:`parse_batch` for events :func:`prepared_events` made ready already."""
-    parsed = _parse_plain(prepared)
+def parse_prepared(prepared: list[Any], first_idx: int, skip_outputs: bool = False) -> list[Any]:
+    """:func:`parse_batch` for events :func:`prepared_events` made ready already.
+
+    ``skip_outputs``: tool outputs are left None where they certainly parse (for a policy no
+    variable of which binds a tool output or follows one to its call): their objects would
+    never be read.
+    """
+    parsed = _parse_plain(prepared, skip_outputs)
     if parsed is None:
         parsed = Input.parse_input(None, prepared)  # type: ignore[arg-type] - uses no instance state
     for k, event in enumerate(parsed):
+        if event is None:
+            continue
         idx = first_idx + k
         event.metadata["trace_idx"] = idx
         # only messages have tool calls; getattr on other pydantic models raises inside first
@@ -65,7 +72,7 @@ def parse_prepared(prepared: list[Any], first_idx: int) -> list[Any]:
     return parsed
 
 
-def _parse_plain(events: list[Any]) -> list[Any] | None:
+def _parse_plain(events: list[Any], skip_outputs: bool = False) -> list[Any] | None:
     """``Input.parse_input`` for messages, tool outputs and tool calls, without its deep copy.
 
     The copy only guards the caller's dicts against the two edits parse_input makes (``server``
@@ -73,6 +80,7 @@ def _parse_plain(events: list[Any]) -> list[Any] | None:
     models copy the top-level dicts they keep (``metadata``, ``arguments``), so the objects made
     are equal to parse_input's. None for anything else (tool lists, non-dicts, a failure): the
     caller runs parse_input itself, which then fails or warns exactly as invariant does.
+    ``skip_outputs``: a tool output that would parse is None in the result (nothing reads it).
     """
     out: list[Any] = []
     tool_calls: dict[Any, Any] = {}
@@ -84,10 +92,13 @@ def _parse_plain(events: list[Any]) -> list[Any] | None:
                 event = {**event, "server": event["metadata"]["server"]}
             if "role" in event:
                 if event["role"] != "tool":
-                    calls = event.get("tool_calls") or []
-                    if any(type(c["function"]["arguments"]) is str for c in calls):
-                        event = {**event, "tool_calls": [_decoded_args(c) for c in calls]}
-                    msg = Message(**event)
+                    calls = event.get("tool_calls")
+                    if calls:
+                        for c in calls:
+                            if type(c["function"]["arguments"]) is str:
+                                event = {**event, "tool_calls": [_decoded_args(c) for c in calls]}
+                                break
+                    msg = _message(event)
                     out.append(msg)
                     if msg.tool_calls is not None:
                         for call in msg.tool_calls:
@@ -96,18 +107,67 @@ def _parse_plain(events: list[Any]) -> list[Any] | None:
                     # prepared_events made tool_call_id explicit already
                     if "tool_call_id" not in event:
                         return None
-                    tool_out = ToolOutput(**event)
+                    if skip_outputs and _plain_output(event, build=False):
+                        out.append(None)
+                        continue
+                    tool_out = _plain_output(event) or _output(event)
                     if tool_out.tool_call_id in tool_calls:
-                        tool_out._tool_call = tool_calls[tool_out.tool_call_id]
+                        tool_out.__pydantic_private__["_tool_call"] = tool_calls[tool_out.tool_call_id]
                     out.append(tool_out)
             elif "type" in event:
-                call = ToolCall(**event)
+                call = _call(event)
                 tool_calls[call.id] = call
                 out.append(call)
             else:
                 return None
     except Exception:  # noqa: BLE001 - parse_input raises it again, with its own warning
         return None
+    return out
+
+
+# the models' validators called directly: what ``Message(**event)`` does, minus the keyword
+# arguments and ``__init__`` frame (a third of the cost of building a small event)
+_message = Message.__pydantic_validator__.validate_python
+_output = ToolOutput.__pydantic_validator__.validate_python
+_call = ToolCall.__pydantic_validator__.validate_python
+
+
+_OUTPUT_FIELDS = frozenset(ToolOutput.model_fields)
+_new, _set = object.__new__, object.__setattr__
+
+
+def _plain_output(event: dict[str, Any], build: bool = True) -> Any:
+    """``ToolOutput(**event)`` for a tool output of plain strings, built directly: its private
+    attribute makes validation run pydantic's Python-level ``model_post_init``, which costs more
+    than the validation itself. None for any other shape (validation decides). ``build=False``
+    only checks that validation cannot fail (True then).
+
+    >>> e = {"role": "tool", "content": "ok", "tool_call_id": "1", "metadata": {"a": 1}}
+    >>> o = _plain_output(e)
+    >>> v = ToolOutput(**e)
+    >>> (o == v, o.__dict__ == v.__dict__, o.model_fields_set == v.model_fields_set)
+    (True, True, True)
+    """
+    role, content, cid = event["role"], event.get("content"), event.get("tool_call_id")
+    meta = event.get("metadata", _OUTPUT_FIELDS)  # (a sentinel: absent)
+    server = event.get("server")
+    if type(role) is not str or (content is not None and type(content) is not str) \
+            or (cid is not None and type(cid) is not str) or (server is not None and type(server) is not str):
+        return None
+    if meta is _OUTPUT_FIELDS:
+        meta = {}
+    elif type(meta) is dict:
+        meta = dict(meta)  # validation copies it too: trace_idx is written into it
+    elif meta is not None:
+        return None
+    if not build:
+        return True
+    out = _new(ToolOutput)
+    _set(out, "__dict__", {"metadata": meta, "server": server, "role": role, "content": content,
+                           "tool_call_id": cid})
+    _set(out, "__pydantic_fields_set__", event.keys() & _OUTPUT_FIELDS)
+    _set(out, "__pydantic_extra__", None)
+    _set(out, "__pydantic_private__", {})
     return out
 
 
@@ -151,10 +211,17 @@ class Element:
 
 
 def flatten(events: list[Any], flat_start: int) -> list[Element]:
-    """Elements in the order invariant's ``Dataflow`` adds them (message, then its tool calls)."""
+    """Elements in the order invariant's ``Dataflow`` adds them (message, then its tool calls).
+
+    A skipped event (None, see :func:`parse_prepared`) takes its place in the order but gives
+    no element.
+    """
     out: list[Element] = []
     flat = flat_start
     for pos, event in enumerate(events):
+        if event is None:
+            flat += 1
+            continue
         idx = event.metadata["trace_idx"]
         out.append(Element(event, type(event).__name__, idx, -1, flat, event, pos))
         flat += 1
@@ -466,6 +533,25 @@ def _access(node: Any, var_decls: set[int]) -> Any:
               ToolOutput: {"role", "content", "tool_call_id", "metadata"},
               Function: {"name", "arguments"}}
     plain = (str, int, float, bool, type(None))
+
+    if len(members) == 1:  # ``v.a``, the commonest shape: the loop below for one member
+        m = members[0]
+        direct_types = tuple(t for t in models if m in direct[t])
+
+        def get_one(store):
+            obj = store[decl]
+            t = type(obj)
+            if t in direct_types:
+                value = getattr(obj, m)
+                if type(value) in plain:
+                    return value
+                return invariant_attr(obj, m)
+            if t is dict and m in obj:
+                return obj[m]
+            if t in models:
+                return invariant_attr(obj, m)
+            raise _Slow()
+        return get_one
 
     def get(store):
         obj = store[decl]

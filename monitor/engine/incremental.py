@@ -53,6 +53,8 @@ import ast as pyast
 import copy
 from typing import Any
 
+from invariant.analyzer.runtime.evaluation import NOP
+
 from monitor.engine.base import CheckResult, Engine, EngineError, RuleInfo, SessionState
 from monitor.engine.compiler import ARROW, DECL, OWN, CompiledRule, RulePlan, compile_policy
 from monitor.engine.evaluator import (
@@ -127,6 +129,10 @@ class IncrementalEngine(Engine):
         self._tag = policy.sha256[:16]  # ties a state's candidates to this policy text
         self._links = any(r.links_outputs for r in self.compiled)
         self._needs_raw = any(r.needs_object for r in self.compiled)
+        # no variable binds a tool output, or reaches one through a call: their objects are never
+        # read, so they are not built (a third of a typical agent's events)
+        self._skip_outputs = not self._links and all(
+            var.type in ("Message", "ToolCall") for r in self.compiled for var in r.vars)
         # per rule and variable: its own conditions, in body order
         self._own = {r.index: [r.own_conds(v) for v in range(len(r.vars))] for r in self.compiled}
         self._sub = None
@@ -174,13 +180,20 @@ class IncrementalEngine(Engine):
         # tool outputs made explicit once: parsing, kept events and call records all read them
         prepared, last_call = prepared_events(pending, head.get("lc"))
         try:
-            parsed = parse_prepared(prepared, length)
+            parsed = parse_prepared(prepared, length, self._skip_outputs)
         except Exception as exc:  # noqa: BLE001 - the reference fails the same way
             raise EngineError(f"{type(exc).__name__}: {exc}") from exc
         elements = flatten(parsed, head["flat"])
         index = EventIndex()
+        by_kind: dict[str, list[Element]] = {}
         for el in elements:
-            index.add(el.event, el.trace_idx)
+            if el.call_idx < 0:  # (a nested call's event is its message, added already)
+                index.add(el.event, el.trace_idx)
+            group = by_kind.get(el.kind)
+            if group is None:
+                by_kind[el.kind] = [el]
+            else:
+                group.append(el)
         raw_prepared = prepared if self._needs_raw else None
 
         # what the log holds, by rule and variable (candidates) and raw events for fallback rules
@@ -202,14 +215,14 @@ class IncrementalEngine(Engine):
         matches: list[Match] = []
         appended: list[dict] = []
         new_tail: dict[str, dict[str, list]] = {}
-        flat_end = head["flat"] + len(elements)
+        flat_end = head["flat"] + len(elements) + parsed.count(None)
         objects: dict[int, Any] = {}  # kept events re-read this check, one object per trace index
 
         for rule in self.compiled:
             if rule.never:
                 continue
             rule_matches, new_recs, new_witnesses = await self._match_rule(
-                rule, elements, raw_prepared, old, head, index, objects, links)
+                rule, by_kind, raw_prepared, old, head, index, objects, links)
             matches.extend(rule_matches)
             tails = head["tail"].get(str(rule.index), {})
             for v, keep in enumerate(rule.keep):
@@ -258,21 +271,33 @@ class IncrementalEngine(Engine):
     def _fresh_head(self) -> dict[str, Any]:
         return {"v": STATE_VERSION, "p": self._tag, "flat": 0, "lc": None, "tail": {}}
 
-    def _own_record_fast(self, rule: CompiledRule, v: int, el: Element, index: EventIndex,
-                         raw: list[dict] | None) -> dict[str, Any] | None:
-        """:meth:`_own_record` when plain Python decides every condition (no coroutine); None
-        when one needs the interpreter."""
+    def _own_record_fast(self, conds: list, decl: Any, el: Element, index: EventIndex) -> dict[str, Any] | None:
+        """The own part of :meth:`_own_record` when plain Python decides every condition (no
+        coroutine): :func:`evaluate_fast` and :func:`_record_outcome` folded into one loop, as
+        this runs for every (variable, element) pair. None when one needs the interpreter."""
         rec: dict[str, Any] = {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": []}
-        store = {rule.vars[v].decl: el.obj}
-        for cond in self._own[rule.index][v]:
-            if cond.fast is None:
+        store = {decl: el.obj}
+        for cond in conds:
+            fast = cond.fast
+            if fast is None:
                 return None
-            out = evaluate_fast(cond.fast, store, index)
-            if out is None:
+            spans: list[tuple[Any, int, int]] = []
+            try:
+                value = fast(store, spans)
+            except Exception:  # noqa: BLE001 - _Slow, or an error the interpreter words itself
                 return None
-            if _record_outcome(rec, cond, out):
-                break
-        return self._finish_record(rule, v, el, rec, raw)
+            if value is False:
+                rec["st"], rec["k"] = cond.pos, FALSE
+                return rec
+            if not (value is True or value is NOP):
+                rec["x"] = 1
+            if spans:
+                rg, k = rec["rg"], 0
+                for obj, start, end in spans:
+                    for idx, order, path in index.locate(id(obj)):
+                        rg.append([idx, order, cond.pos, k, f"{path}:{start}-{end}"])
+                        k += 1
+        return rec
 
     async def _own_record(self, rule: CompiledRule, v: int, el: Element, index: EventIndex,
                           raw: list[dict] | None) -> dict[str, Any]:
@@ -297,23 +322,31 @@ class IncrementalEngine(Engine):
             rec["ev"] = raw[el.raw_pos]
         return rec
 
-    async def _match_rule(self, rule: CompiledRule, elements: list[Element],
+    async def _match_rule(self, rule: CompiledRule, by_kind: dict[str, list[Element]],
                           raw: list[dict] | None, old: dict, head: dict, index: EventIndex,
                           objects: dict, links: dict[int, dict]
                           ) -> tuple[list[Match], list[list[dict]], list[list[dict]]]:
         nvars = len(rule.vars)
         new: list[list[_Cand]] = [[] for _ in range(nvars)]
-        failed: list[list[_Cand]] = [[] for _ in range(nvars)]
+        # (record, element) of elements failing an own condition: nearly all of them, and
+        # needed as candidates only when a condition raises, so no _Cand is made up front
+        failed: list[list[tuple[dict, Element]]] = [[] for _ in range(nvars)]
+        own = self._own[rule.index]
         for v, var in enumerate(rule.vars):
-            for el in elements:
-                if el.kind != var.type:
-                    continue
-                rec = self._own_record_fast(rule, v, el, index, raw)
+            conds, decl, new_v, failed_v = own[v], var.decl, new[v], failed[v]
+            with_object = v in rule.needs_object
+            for el in by_kind.get(var.type, ()):
+                rec = self._own_record_fast(conds, decl, el, index)
                 if rec is None:
                     rec = await self._own_record(rule, v, el, index, raw)
-                if v in rule.needs_object and id(el.obj) in links:
+                else:
+                    self._finish_record(rule, v, el, rec, raw)
+                if with_object and id(el.obj) in links:
                     rec["kc"] = links[id(el.obj)]  # the call it is linked to, for re-reading
-                (failed if rec.get("k") == FALSE else new)[v].append(_Cand(rec, el, True))
+                if rec.get("k") == FALSE:
+                    failed_v.append((rec, el))
+                else:
+                    new_v.append(_Cand(rec, el, True))
         # kept records: live candidates, and "witnesses" (events that failed an own condition,
         # the earliest per failing position, and those in a ~> tail), which only matter when an
         # own condition raises: invariant then aborts if any assignment reaches the error first
@@ -333,12 +366,12 @@ class IncrementalEngine(Engine):
         for v, keep in enumerate(rule.keep):
             if keep is None:
                 seen = {c.rec["st"] for c in witnesses[v]}
-                for c in failed[v]:
-                    if c.rec["st"] not in seen:
-                        seen.add(c.rec["st"])
-                        new_witnesses[v].append(c.rec)
+                for rec, _ in failed[v]:
+                    if rec["st"] not in seen:
+                        seen.add(rec["st"])
+                        new_witnesses[v].append(rec)
             elif keep and keep > 0:
-                new_witnesses[v] = [c.rec for c in failed[v]]
+                new_witnesses[v] = [rec for rec, _ in failed[v]]
         if not any(new) and not any(failed):
             return [], new_recs, new_witnesses
 
@@ -346,7 +379,7 @@ class IncrementalEngine(Engine):
         if raising:
             # walk every assignment in body order, without pruning, so the error surfaces
             # exactly where invariant's evaluation would hit it
-            domains_new = [new[v] + failed[v] for v in range(nvars)]
+            domains_new = [new[v] + [_Cand(rec, el, True) for rec, el in failed[v]] for v in range(nvars)]
             stored = [stored[v] + witnesses[v] for v in range(nvars)]
         elif not any(new):
             return [], new_recs, new_witnesses
