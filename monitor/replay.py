@@ -88,6 +88,7 @@ from monitor.report import (
     SessionResult,
     Totals,
     now_iso,
+    session_text,
     render_html,
     versions,
     violation_line,
@@ -447,16 +448,15 @@ class Outcome:
     joined: bool
 
 
-class _SpillTable(dict):
-    """The session table of a replay: heads and engine state in memory, verdicts on disk.
+class _VerdictSpill:
+    """Where a replay's session store keeps verdict records: in SQLite, not memory.
 
     The worker remembers each session's recent verdicts (to repeat one for a redelivered batch);
-    they are read only for an actual duplicate, so a replay keeps them in SQLite and memory holds
-    just what the open sessions need to go on.
+    they are read only for an actual duplicate, so a replay keeps them on disk and memory holds
+    just what the open sessions need to go on (heads and engine state, in a plain dict).
     """
 
     def __init__(self, path: str | None = None) -> None:
-        super().__init__()
         self.db = sqlite3.connect(path or ":memory:")
         self.db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
                               "CREATE TABLE IF NOT EXISTS v (k TEXT PRIMARY KEY, j BLOB)")
@@ -465,8 +465,6 @@ class _SpillTable(dict):
     FLUSH = 20_000  # verdicts buffered before a write
 
     def __setitem__(self, key: str, value: Any) -> None:
-        if key[:1] != "v":  # monitor.state.verdict_key
-            return super().__setitem__(key, value)
         # marshal: a verdict record is plain JSON data, and marshal round-trips it exactly at a
         # fraction of json.dumps' cost (one per batch, rarely read back)
         self.pending[key] = marshal.dumps(value)
@@ -474,8 +472,6 @@ class _SpillTable(dict):
             self.flush()
 
     def get(self, key: str, default: Any = None) -> Any:
-        if key[:1] != "v":
-            return super().get(key, default)
         raw = self.pending.get(key)
         if raw is None:
             row = self.db.execute("SELECT j FROM v WHERE k=?", (key,)).fetchone()
@@ -483,8 +479,6 @@ class _SpillTable(dict):
         return marshal.loads(raw) if raw is not None else default
 
     def pop(self, key: str, *default: Any) -> Any:
-        if key[:1] != "v":
-            return super().pop(key, *default)
         # a forgotten verdict is never read again (the head no longer lists its batch): leave it
         return self.pending.pop(key, None)
 
@@ -517,8 +511,9 @@ class Evaluator:
             budget_ms=options.budget_ms,
         )
         self.worker = WorkerEvaluator(policies, self.settings)
-        self.table = _SpillTable(spill)
-        self.store = SessionStore(self.table, verdict_memory=options.verdict_memory)
+        self.table: dict[str, Any] = {}
+        self.verdicts = _VerdictSpill(spill)
+        self.store = SessionStore(self.table, verdict_memory=options.verdict_memory, verdicts=self.verdicts)
         self.lengths: dict[tuple[str, str | None], int] = {}
 
     def engine_names(self) -> str:
@@ -543,7 +538,7 @@ class Evaluator:
 
     def close(self) -> None:
         self.worker.close()
-        self.table.close()
+        self.verdicts.close()
 
 
 def rejected_result(rej: Any, source: str) -> BatchResult:
@@ -577,7 +572,8 @@ class ResultStore:
         return cls(os.path.dirname(path), Path(path).stem, create=False)
 
     def add(self, session: str, ord_: int, joined: bool, result: BatchResult, raw: bytes) -> None:
-        self._rows.append((session, ord_, int(joined), result.model_dump_json(exclude_defaults=True), raw))
+        # the result as the report writes it: the report is put together from these texts
+        self._rows.append((session, ord_, int(joined), result.model_dump_json(by_alias=True), raw))
         if len(self._rows) >= 5000:
             self.flush()
 
@@ -1172,11 +1168,13 @@ def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
             a = sessions[sid]
             if a.denied:
                 batches = _with_evidence(stores[where[sid]].raw_rows(sid))
-            else:
-                batches = [BatchResult.model_validate_json(r[2]) for r in rows]
-            yield SessionResult(session_id=sid, decision="deny" if a.denied else "allow",
-                                batches_total=len(batches), events=a.events, denied=a.denied,
-                                violations=a.violations, batches=batches)
+                yield SessionResult(session_id=sid, decision="deny", batches_total=len(batches),
+                                    events=a.events, denied=a.denied, violations=a.violations,
+                                    batches=batches)
+            else:  # the spooled texts as they are: no parsing and dumping again
+                yield session_text(SessionResult(
+                    session_id=sid, decision="allow", batches_total=len(rows), events=a.events,
+                    denied=a.denied, violations=a.violations), [r[2] for r in rows])
 
     tmp = req.out + ".tmp"
     Path(req.out).parent.mkdir(parents=True, exist_ok=True)

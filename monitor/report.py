@@ -281,7 +281,28 @@ def _dump(model: BaseModel) -> str:
     return model.model_dump_json(by_alias=True)
 
 
-def write_report(out: IO[str], head: Report, sessions: Iterable[SessionResult]) -> int:
+class SessionText(str):
+    """A session of the report already rendered as JSON (see :func:`session_text`)."""
+
+
+def session_text(session: SessionResult, batches: list[str]) -> SessionText:
+    """``session`` with ``batches`` given as their JSON texts (``BatchResult.model_dump_json
+    (by_alias=True)``), rendered exactly as :func:`_dump` renders the whole session: a replay
+    spools its results as text, and splicing them costs a fraction of parsing and dumping.
+
+    >>> b = BatchResult(batch_id="b", source="f:1", events=1, start=0, decision="allow")
+    >>> s = SessionResult(session_id="s", decision="allow", batches=[b, b])
+    >>> session_text(s.model_copy(update={"batches": []}), [_dump(b)] * 2) == _dump(s)
+    True
+    """
+    if session.batches:
+        raise ValueError("the batches are given as texts")
+    head = _dump(session)
+    assert head.endswith('"batches":[]}')  # batches is the last field
+    return SessionText(head[:-2] + ",".join(batches) + "]}")
+
+
+def write_report(out: IO[str], head: Report, sessions: Iterable[SessionResult | SessionText]) -> int:
     """Write ``head`` (without sessions) then each session on a line of its own; returns the count.
 
     The result parses as one JSON document (``Report.load``).
@@ -293,7 +314,7 @@ def write_report(out: IO[str], head: Report, sessions: Iterable[SessionResult]) 
     out.write('"sessions": [')
     n = 0
     for s in sessions:
-        out.write(("\n" if n == 0 else ",\n") + _dump(s))
+        out.write(("\n" if n == 0 else ",\n") + (s if isinstance(s, SessionText) else _dump(s)))
         n += 1
     out.write("\n]}\n")
     return n

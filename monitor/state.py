@@ -65,9 +65,9 @@ def _head_record(head: SessionHead) -> dict[str, Any]:
     >>> _head_record(h) == h.model_dump()
     True
     """
-    rec = {name: getattr(head, name) for name in SessionHead.model_fields}
-    rec["policies"] = {pid: {name: getattr(cur, name) for name in PolicyCursor.model_fields}
-                       for pid, cur in head.policies.items()}
+    # a model's __dict__ holds its fields, in order (neither model allows extra fields)
+    rec = dict(head.__dict__)
+    rec["policies"] = {pid: dict(cur.__dict__) for pid, cur in head.policies.items()}
     rec["recent"] = list(head.recent)
     return rec
 
@@ -89,8 +89,12 @@ class SessionStore:
 
     HEAD_CACHE = 100_000  # sessions whose last written head is remembered (then it starts over)
 
-    def __init__(self, table: MutableMapping[str, Any], verdict_memory: int = 64) -> None:
+    def __init__(self, table: MutableMapping[str, Any], verdict_memory: int = 64,
+                 verdicts: MutableMapping[str, Any] | None = None) -> None:
         self.table = table
+        # where verdict records go: the table itself (the worker: one changelog), or a mapping of
+        # their own (replay: kept on disk, as they are read back only for a repeated batch id)
+        self.verdicts = table if verdicts is None else verdicts
         self.verdict_memory = verdict_memory
         # the head this store last wrote per session, with the record it wrote: a table that hands
         # back that very record (a dict, faust's memory store) needs no validation of it again
@@ -109,7 +113,7 @@ class SessionStore:
         """The verdict this batch already got, if it is among the remembered recent batches."""
         if batch_id not in head.recent:
             return None
-        return self.table.get(verdict_key(session_id, batch_id))
+        return self.verdicts.get(verdict_key(session_id, batch_id))
 
     def engine_state(self, head: SessionHead, policy_id: str, engine: str,
                      session_id: str | None = None) -> SessionState:
@@ -150,7 +154,7 @@ class SessionStore:
                 engine=new_state.engine, length=new_state.length, head=new_state.head,
                 log_start=max(new_state.log_start, before.log_start), log_end=end,
             )
-        self.table[verdict_key(session_id, batch_id)] = verdict
+        self.verdicts[verdict_key(session_id, batch_id)] = verdict
         recent = [b for b in head.recent if b != batch_id] + [batch_id]
         forgotten, recent = recent[: -self.verdict_memory], recent[-self.verdict_memory:]
         new_head = SessionHead(
@@ -171,5 +175,5 @@ class SessionStore:
         for key in dropped:
             self.table.pop(key, None)
         for old in forgotten:
-            self.table.pop(verdict_key(session_id, old), None)
+            self.verdicts.pop(verdict_key(session_id, old), None)
         return new_head

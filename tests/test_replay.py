@@ -138,7 +138,7 @@ def test_folder_of_mixed_files_names_sessions_by_relative_path(tmp_path, send_po
 def test_duplicate_batch_repeats_its_verdict_and_does_not_advance(tmp_path, send_policy, monkeypatch, flush):
     from monitor import replay as replay_module
 
-    monkeypatch.setattr(replay_module._SpillTable, "FLUSH", flush)
+    monkeypatch.setattr(replay_module._VerdictSpill, "FLUSH", flush)
     f = tmp_path / "dup.jsonl"
     f.write_text("\n".join([
         record("s", "1", [user("send")]),
