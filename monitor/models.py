@@ -25,7 +25,6 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
-    PrivateAttr,
     Tag,
     with_config,
 )
@@ -201,7 +200,6 @@ class Verdict(BaseModel):
     evaluated_at: datetime = Field(default_factory=utcnow)
     eval_ms: float = 0.0
     source: SourceRef | None = None
-    _omitted: list[Violation] = PrivateAttr(default_factory=list)
 
     @property
     def allowed(self) -> bool:

@@ -521,7 +521,7 @@ class Evaluator:
 
     async def evaluate(self, batch: EventBatch, source: str, ref: SourceRef | None = None) -> Outcome:
         sid = batch.session_id
-        verdict, new = await self.worker.evaluate(self.store, batch, ref)
+        verdict, new, _ = await self.worker.evaluate(self.store, batch, ref)
         joined = new and verdict.reason is None and (verdict.decision == "allow" or self.options.keep_denied)
         # the trace index of the batch's first event: what this policy's past of the session holds
         # (counted here rather than re-reading the session head: same number, less work)

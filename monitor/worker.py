@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -124,6 +124,16 @@ def _remember(store: SessionStore, head: SessionHead, verdict: Verdict, seq: int
     return verdict
 
 
+class Evaluated(NamedTuple):
+    """What :meth:`Evaluator.evaluate` decided for one batch."""
+
+    verdict: Verdict
+    new: bool  # False: a repeat of a batch id that has its verdict already
+    # violations past the verdict's cap (``max_verdict_violations``): not on the wire, but each
+    # still gets its alert
+    omitted: tuple[Violation, ...] = ()
+
+
 class Evaluator:
     """The engine side of the worker, free of Kafka: also what tests and replay can drive."""
 
@@ -141,7 +151,7 @@ class Evaluator:
                          and settings.engine != "reference" else None)
 
     async def reject(self, store: SessionStore, rejected: "Rejected",
-                     source: SourceRef | None) -> tuple[Verdict, bool]:
+                     source: SourceRef | None) -> Evaluated:
         """A deny for a record that is not a valid batch, remembered like any verdict so that a
         redelivery repeats it (and a batch id that already has a verdict keeps it)."""
         sid, bid = rejected.session_id, rejected.batch_id
@@ -149,18 +159,18 @@ class Evaluator:
         head = store.head(sid)
         known = store.known_verdict(head, sid, bid)
         if known is not None:
-            return Verdict.model_validate(known), False
+            return Evaluated(Verdict.model_validate(known), False)
         verdict = Verdict(session_id=sid, batch_id=bid, decision="deny", source=source,
                           reason=f"rejected record ({rejected.kind}): {rejected.reason}")
-        return _remember(store, head, verdict, seq=None), True
+        return Evaluated(_remember(store, head, verdict, seq=None), True)
 
     async def evaluate(self, store: SessionStore, batch: EventBatch,
-                       source: SourceRef | None) -> tuple[Verdict, bool]:
+                       source: SourceRef | None) -> Evaluated:
         """The verdict for a batch, and whether it was new (False: a repeat of a known batch)."""
         head = store.head(batch.session_id)
         known = store.known_verdict(head, batch.session_id, batch.batch_id)
         if known is not None:
-            return Verdict.model_validate(known), False
+            return Evaluated(Verdict.model_validate(known), False)
         started = time.perf_counter()
         verdict_fields: dict[str, Any] = {"session_id": batch.session_id, "batch_id": batch.batch_id,
                                           "seq": batch.seq, "source": source}
@@ -169,7 +179,7 @@ class Evaluator:
         except KeyError as exc:
             verdict = Verdict(decision="deny", reason=str(exc.args[0]), policy_id=batch.policy,
                               **verdict_fields)
-            return _remember(store, head, verdict), True
+            return Evaluated(_remember(store, head, verdict), True)
         engine = self.engines[policy.policy_id]
         verdict_fields.update(policy_id=policy.policy_id, policy_sha256=policy.sha256, engine=engine.name)
 
@@ -178,7 +188,7 @@ class Evaluator:
                 f"out of order: seq {batch.seq} arrived after seq {head.last_seq} of this session"),
                 **verdict_fields)
             # a stale seq does not move the session's last seq
-            return _remember(store, head, verdict, seq=None), True
+            return Evaluated(_remember(store, head, verdict, seq=None), True)
 
         result = None
         reason = None
@@ -206,15 +216,13 @@ class Evaluator:
         if result is None:
             decision = "deny" if self.settings.fail_closed else "allow"
             verdict = Verdict(decision=decision, reason=reason, eval_ms=eval_ms, **verdict_fields)
-            return _remember(store, head, verdict), True
+            return Evaluated(_remember(store, head, verdict), True)
 
         violations = [Violation.from_match(m, batch.session_id, policy.sha256) for m in result.matches]
         decision = "deny" if violations else "allow"
         cap = self.settings.max_verdict_violations
         verdict = Verdict(decision=decision, violations=violations[:cap], eval_ms=eval_ms,
                           violations_omitted=max(0, len(violations) - cap), **verdict_fields)
-        if len(violations) > cap:  # (a private attribute set costs: only when some are left out)
-            verdict._omitted = violations[cap:]  # not on the wire: their alerts still go out
         joins = decision == "allow" or self.settings.keep_denied
         _remember(
             store, head, verdict,
@@ -222,7 +230,7 @@ class Evaluator:
             new_state=result.advance(state) if joins else None,
             appended=result.appended if joins else None,
         )
-        return verdict, True
+        return Evaluated(verdict, True, tuple(violations[cap:]))
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -281,10 +289,10 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
         for p in policies.all():
             metrics.set_policy(p.policy_id, p.sha256)
 
-    async def publish(verdict: Verdict) -> None:
+    async def publish(verdict: Verdict, omitted: tuple[Violation, ...] = ()) -> None:
         key = verdict.session_id.encode()
         await verdicts.send(key=key, value=verdict.model_dump_json().encode())
-        for v in [*verdict.violations, *verdict._omitted]:
+        for v in [*verdict.violations, *omitted]:
             alert = Alert.from_violation(v, verdict)
             await alerts.send(key=key, value=alert.model_dump_json().encode())
             if metrics:
@@ -300,7 +308,7 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
             metrics.dead_letter(rej.kind)
         if rej.session_id and rej.batch_id:
             if key_text == rej.session_id:  # its state lives on this partition: remember the deny
-                verdict, _ = await evaluator.reject(store, rej, source)
+                verdict = (await evaluator.reject(store, rej, source)).verdict
             else:
                 verdict = Verdict(session_id=rej.session_id, batch_id=rej.batch_id, decision="deny",
                                   reason=f"rejected record ({rej.kind}): {rej.reason}", source=source)
@@ -340,8 +348,8 @@ def build_app(settings: WorkerSettings, policies: PolicySet):
             return
         if metrics:
             metrics.batch_consumed(len(batch.events))
-        verdict, new = await evaluator.evaluate(store, batch, source)
-        await publish(verdict)
+        verdict, new, omitted = await evaluator.evaluate(store, batch, source)
+        await publish(verdict, omitted)
         if metrics:
             if not new:
                 metrics.duplicate_batch()

@@ -27,7 +27,7 @@ def evaluator(text: str = FLOW, **settings) -> Evaluator:
 
 def run(ev: Evaluator, store: SessionStore, bid: str, events: list[dict], **kw):
     b = EventBatch(session_id="s", batch_id=bid, events=events, **kw)
-    return asyncio.run(ev.evaluate(store, b, None))
+    return asyncio.run(ev.evaluate(store, b, None))[:2]
 
 
 @pytest.mark.parametrize("engine", ["incremental", "reference"])
@@ -105,7 +105,7 @@ def test_a_rejected_batch_id_keeps_its_deny():
     ev, store = evaluator(), SessionStore({})
     with pytest.raises(Rejected) as exc:
         decode_batch(b"s", b'{"session_id": "s", "batch_id": "b1", "events": 5}', 10_000)
-    deny, new = asyncio.run(ev.reject(store, exc.value, None))
+    deny, new, _ = asyncio.run(ev.reject(store, exc.value, None))
     assert new and deny.decision == "deny" and "rejected record" in deny.reason
     # the agent resends a fixed record under the same batch id: it keeps its one verdict
     again, new = run(ev, store, "b1", [BENIGN])
@@ -153,9 +153,10 @@ raise "word" if:
     "w" in m.content
 '''
     ev, store = evaluator(many, max_verdict_violations=3), SessionStore({})
-    v, _ = run(ev, store, "b1", [{"role": "user", "content": f"w{i}"} for i in range(10)])
-    assert len(v.violations) == 3 and v.violations_omitted == 7 and len(v._omitted) == 7
-    assert {x.key for x in v.violations} | {x.key for x in v._omitted} == {
+    b = EventBatch(session_id="s", batch_id="b1", events=[{"role": "user", "content": f"w{i}"} for i in range(10)])
+    v, _, omitted = asyncio.run(ev.evaluate(store, b, None))
+    assert len(v.violations) == 3 and v.violations_omitted == 7 and len(omitted) == 7
+    assert {x.key for x in v.violations} | {x.key for x in omitted} == {
         f"(0, ({i},))" for i in range(10)}
 
 

@@ -185,16 +185,23 @@ def prepared_events(events: list[dict[str, Any]],
     out = []
     running = last_call_id
     for event in events:
-        if isinstance(event, dict) and event.get("role") == "tool" and "tool_call_id" not in event:
-            event = {**event, "tool_call_id": running}
         if isinstance(event, dict):
-            if "role" in event and event.get("role") != "tool":
-                for call in event.get("tool_calls") or []:
-                    running = call.get("id") if isinstance(call, dict) else running
-            elif "role" not in event and "type" in event:
+            role = event.get("role", _NO_ROLE)
+            if role == "tool":
+                if "tool_call_id" not in event:
+                    event = {**event, "tool_call_id": running}
+            elif role is not _NO_ROLE:
+                calls = event.get("tool_calls")
+                if calls:
+                    for call in calls:
+                        running = call.get("id") if isinstance(call, dict) else running
+            elif "type" in event:
                 running = event.get("id")
         out.append(event)
     return out, running
+
+
+_NO_ROLE: Any = object()
 
 
 @dataclass(slots=True)

@@ -350,22 +350,19 @@ class IncrementalEngine(Engine):
         # kept records: live candidates, and "witnesses" (events that failed an own condition,
         # the earliest per failing position, and those in a ~> tail), which only matter when an
         # own condition raises: invariant then aborts if any assignment reaches the error first
-        stored: list[list[_Cand]] = [[] for _ in range(nvars)]
-        witnesses: list[list[_Cand]] = [[] for _ in range(nvars)]
+        kept: list[list[dict]] = []
         for v, keep in enumerate(rule.keep):
             if keep is None:
-                kept = old.get((rule.index, v), [])
+                kept.append(old.get((rule.index, v), []))
             elif keep > 0:
-                kept = head["tail"].get(str(rule.index), {}).get(str(v), [])
+                kept.append(head["tail"].get(str(rule.index), {}).get(str(v), []))
             else:
-                kept = []
-            for r in kept:
-                (witnesses if r.get("k") == FALSE else stored)[v].append(_Cand(r, None, False))
+                kept.append([])
         new_recs = [[c.rec for c in new[v]] for v in range(nvars)]
         new_witnesses: list[list[dict]] = [[] for _ in range(nvars)]
         for v, keep in enumerate(rule.keep):
             if keep is None:
-                seen = {c.rec["st"] for c in witnesses[v]}
+                seen = {r["st"] for r in kept[v] if r.get("k") == FALSE}
                 for rec, _ in failed[v]:
                     if rec["st"] not in seen:
                         seen.add(rec["st"])
@@ -375,14 +372,20 @@ class IncrementalEngine(Engine):
         if not any(new) and not any(failed):
             return [], new_recs, new_witnesses
 
-        raising = any(c.rec.get("k") == RAISE for v in range(nvars) for c in new[v] + stored[v])
+        raising = any(c.rec.get("k") == RAISE for v in range(nvars) for c in new[v]) or \
+            any(r.get("k") == RAISE for v in range(nvars) for r in kept[v])
+        if not raising and not any(new):
+            return [], new_recs, new_witnesses
+        stored: list[list[_Cand]] = [[] for _ in range(nvars)]
+        witnesses: list[list[_Cand]] = [[] for _ in range(nvars)]
+        for v in range(nvars):
+            for r in kept[v]:
+                (witnesses if r.get("k") == FALSE else stored)[v].append(_Cand(r, None, False))
         if raising:
             # walk every assignment in body order, without pruning, so the error surfaces
             # exactly where invariant's evaluation would hit it
             domains_new = [new[v] + [_Cand(rec, el, True) for rec, el in failed[v]] for v in range(nvars)]
             stored = [stored[v] + witnesses[v] for v in range(nvars)]
-        elif not any(new):
-            return [], new_recs, new_witnesses
         else:
             domains_new = new
         matches: list[Match] = []
