@@ -95,6 +95,11 @@ class _Cand:
         self.new = new
 
 
+def _failed_record(pos: int, el: Element, rg: list) -> dict[str, Any]:
+    """The record of an element whose own condition at ``pos`` is false."""
+    return {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": rg, "st": pos, "k": FALSE}
+
+
 def _record_outcome(rec: dict[str, Any], cond: Any, out: Any) -> bool:
     """Add one own condition's outcome to a candidate record; True when the body stops there."""
     if out.status in (FALSE, RAISE):
@@ -271,12 +276,16 @@ class IncrementalEngine(Engine):
     def _fresh_head(self) -> dict[str, Any]:
         return {"v": STATE_VERSION, "p": self._tag, "flat": 0, "lc": None, "tail": {}}
 
-    def _own_record_fast(self, conds: list, decl: Any, el: Element, index: EventIndex) -> dict[str, Any] | None:
+    def _own_record_fast(self, conds: list, decl: Any, el: Element,
+                         index: EventIndex) -> dict[str, Any] | int | None:
         """The own part of :meth:`_own_record` when plain Python decides every condition (no
         coroutine): :func:`evaluate_fast` and :func:`_record_outcome` folded into one loop, as
-        this runs for every (variable, element) pair. None when one needs the interpreter."""
-        rec: dict[str, Any] = {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": []}
+        this runs for every (variable, element) pair. None when one needs the interpreter; the
+        position of the failing condition when that is all the record would hold (the
+        commonest outcome by far: see :func:`_failed_record`)."""
         store = {decl: el.obj}
+        rg: list | None = None
+        other = False
         for cond in conds:
             fast = cond.fast
             if fast is None:
@@ -287,16 +296,23 @@ class IncrementalEngine(Engine):
             except Exception:  # noqa: BLE001 - _Slow, or an error the interpreter words itself
                 return None
             if value is False:
-                rec["st"], rec["k"] = cond.pos, FALSE
+                if rg is None and not other:
+                    return cond.pos
+                rec = _failed_record(cond.pos, el, rg or [])
+                if other:
+                    rec["x"] = 1
                 return rec
             if not (value is True or value is NOP):
-                rec["x"] = 1
+                other = True
             if spans:
-                rg, k = rec["rg"], 0
+                rg, k = rg or [], 0
                 for obj, start, end in spans:
                     for idx, order, path in index.locate(id(obj)):
                         rg.append([idx, order, cond.pos, k, f"{path}:{start}-{end}"])
                         k += 1
+        rec = {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": rg or []}
+        if other:
+            rec["x"] = 1
         return rec
 
     async def _own_record(self, rule: CompiledRule, v: int, el: Element, index: EventIndex,
@@ -329,8 +345,9 @@ class IncrementalEngine(Engine):
         nvars = len(rule.vars)
         new: list[list[_Cand]] = [[] for _ in range(nvars)]
         # (record, element) of elements failing an own condition: nearly all of them, and
-        # needed as candidates only when a condition raises, so no _Cand is made up front
-        failed: list[list[tuple[dict, Element]]] = [[] for _ in range(nvars)]
+        # needed as candidates only when a condition raises, so no _Cand is made up front (and
+        # for most, only the failing position instead of a record: _failed_record makes it)
+        failed: list[list[tuple[dict | int, Element]]] = [[] for _ in range(nvars)]
         own = self._own[rule.index]
         for v, var in enumerate(rule.vars):
             conds, decl, new_v, failed_v = own[v], var.decl, new[v], failed[v]
@@ -339,6 +356,11 @@ class IncrementalEngine(Engine):
                 rec = self._own_record_fast(conds, decl, el, index)
                 if rec is None:
                     rec = await self._own_record(rule, v, el, index, raw)
+                elif type(rec) is int:
+                    if not with_object:
+                        failed_v.append((rec, el))  # its record is made if it is ever kept
+                        continue
+                    rec = self._finish_record(rule, v, el, _failed_record(rec, el, []), raw)
                 else:
                     self._finish_record(rule, v, el, rec, raw)
                 if with_object and id(el.obj) in links:
@@ -363,12 +385,14 @@ class IncrementalEngine(Engine):
         for v, keep in enumerate(rule.keep):
             if keep is None:
                 seen = {r["st"] for r in kept[v] if r.get("k") == FALSE}
-                for rec, _ in failed[v]:
-                    if rec["st"] not in seen:
-                        seen.add(rec["st"])
-                        new_witnesses[v].append(rec)
+                for rec, el in failed[v]:
+                    st = rec if type(rec) is int else rec["st"]
+                    if st not in seen:
+                        seen.add(st)
+                        new_witnesses[v].append(_failed_record(rec, el, []) if type(rec) is int else rec)
             elif keep and keep > 0:
-                new_witnesses[v] = [rec for rec, _ in failed[v]]
+                new_witnesses[v] = [_failed_record(rec, el, []) if type(rec) is int else rec
+                                    for rec, el in failed[v]]
         if not any(new) and not any(failed):
             return [], new_recs, new_witnesses
 
@@ -384,7 +408,8 @@ class IncrementalEngine(Engine):
         if raising:
             # walk every assignment in body order, without pruning, so the error surfaces
             # exactly where invariant's evaluation would hit it
-            domains_new = [new[v] + [_Cand(rec, el, True) for rec, el in failed[v]] for v in range(nvars)]
+            domains_new = [new[v] + [_Cand(_failed_record(rec, el, []) if type(rec) is int else rec, el, True)
+                                     for rec, el in failed[v]] for v in range(nvars)]
             stored = [stored[v] + witnesses[v] for v in range(nvars)]
         else:
             domains_new = new
