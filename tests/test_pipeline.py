@@ -185,7 +185,7 @@ def test_two_workers_share_the_partitions(kafka_bootstrap, topic_prefix, tmp_pat
         order[v["session_id"]].append(v["seq"])
     assert all(seqs == list(range(per_session)) for seqs in order.values())
     for s, p in zip(sessions, plan):
-        trig = p[1].events[0].role == "user"
+        trig = p[1].events[0]["role"] == "user"
         last = groups[(s, f"{s}-b3")][0]
         assert last["decision"] == ("deny" if trig else "allow"), s
     workers = {v["source"]["partition"] for v in extra}
