@@ -14,8 +14,18 @@ user asking to "send" followed by a ``send_email`` call, which the seed-004 flow
 
 The replay (``monitor.replay.run_replay``: read, evaluate with ``make_engine(policy, "incremental")``,
 spool results, write the sorted JSON report) runs in a fresh process, so its peak RSS is its own.
-A second run replays a tenth of the events over the same sessions (skip it with ``--no-scaling``),
-to show how peak memory depends on the number of events. The figures go to ``bench/results/replay.json``.
+It runs ``--repeat`` times (default 3) and the median run is reported: this machine's speed
+drifts by a third from one minute to the next, so one run says little.
+
+Side by side in the same run:
+
+- the reference engine (invariant-ai itself) and the incremental one replay the same slice of
+  ``--reference-events`` events (default 2,000, sessions as long as in the full input), one shard
+  each: the reference re-analyses a session's whole trace per batch;
+- a replay of a tenth of the events over the same sessions (skip it with ``--no-scaling``), to
+  show how peak memory depends on the number of events.
+
+The figures go to ``bench/results/replay.json``.
 
 Run: ``make bench-replay`` or ``.venv/bin/python bench/replay.py --events 100000 --sessions 1000``.
 """
@@ -99,6 +109,13 @@ def _replay_child(args: tuple, queue: mp.Queue) -> None:
                "report_mib": Path(out).stat().st_size / 2**20})
 
 
+def _verdict_lines(report: Path) -> list[tuple]:
+    """(session, batch, decision, violation keys) of every batch of a report."""
+    doc = json.loads(report.read_text())
+    return [(s["session_id"], b["batch_id"], b["decision"], tuple(v["key"] for v in b["violations"]))
+            for s in doc["sessions"] for b in s["batches"]]
+
+
 def measure(inp: Path, policy: Path, out: Path, engine: str, shards: int | None) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -119,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="replay processes (default: as the replay picks: up to the cores for big inputs)")
     ap.add_argument("--no-scaling", dest="scaling", action="store_false",
                     help="skip the second run with a tenth of the events (the memory comparison)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the full replay; the median is reported")
+    ap.add_argument("--reference-events", type=int, default=2_000,
+                    help="events of the slice both engines replay side by side (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "replay.json"))
     ap.add_argument("--tmp", default=None, help="folder for the generated input and the report")
     a = ap.parse_args(argv)
@@ -127,6 +147,20 @@ def main(argv: list[str] | None = None) -> int:
         d = Path(tmp)
         policy = d / "flow.gr"
         policy.write_text(POLICY)
+        per_session = max(1, a.events // a.sessions)
+        if a.reference_events > 0:
+            inp = d / "slice.jsonl"
+            n = generate(inp, a.reference_events, max(1, a.reference_events // per_session), a.batch)
+            side = {engine: measure(inp, policy, d / f"slice-{engine}.json", engine, 1)
+                    for engine in ("reference", "incremental")}
+            print(f"same {n:,} events ({per_session} per session), one shard each:")
+            for engine, r in side.items():
+                print(f"  {engine:12s} {r['events'] / r['seconds']:>10,.0f} events/s   {r['seconds']:6.2f} s   "
+                      f"{len(_verdict_lines(d / f'slice-{engine}.json'))} verdicts, "
+                      f"{r['denied_sessions']} denied session(s)", flush=True)
+            same = _verdict_lines(d / "slice-reference.json") == _verdict_lines(d / "slice-incremental.json")
+            print(f"  verdicts and violations identical: {same}", flush=True)
+            inp.unlink()
         runs = [(a.events, "full")] + ([(a.events // 10, "tenth")] if a.scaling else [])
         results = {}
         for n, name in runs:
@@ -137,14 +171,23 @@ def main(argv: list[str] | None = None) -> int:
                   f"({inp.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s", flush=True)
             # the smaller run uses as many shards as the full one, so the memory figures compare
             shards = a.shards if name == "full" else results["full"]["shards"]
-            r = measure(inp, policy, d / f"{name}-report.json", a.engine, shards)
-            r["events_per_s"] = r["events"] / r["seconds"]
-            results[name] = r
-            print(f"{name}: {r['events']:,} events, {r['batches']:,} batches, {r['sessions']:,} sessions "
-                  f"({r['denied_sessions']} denied) in {r['seconds']:.1f} s = {r['events_per_s']:,.0f} events/s; "
-                  f"peak RSS {r['peak_rss_mib']:.0f} MiB; report {r['report_mib']:.1f} MiB; engine {r['engine']}; "
-                  f"{r['shards']} shard(s), {r['cpu_seconds']:.1f} CPU s",
-                  flush=True)
+            repeat = max(1, a.repeat) if name == "full" else 1
+            tries = []
+            for _ in range(repeat):
+                r = measure(inp, policy, d / f"{name}-report.json", a.engine, shards)
+                r["events_per_s"] = r["events"] / r["seconds"]
+                tries.append(r)
+                print(f"{name}: {r['events']:,} events, {r['batches']:,} batches, {r['sessions']:,} sessions "
+                      f"({r['denied_sessions']} denied) in {r['seconds']:.1f} s = {r['events_per_s']:,.0f} events/s; "
+                      f"peak RSS {r['peak_rss_mib']:.0f} MiB; report {r['report_mib']:.1f} MiB; engine {r['engine']}; "
+                      f"{r['shards']} shard(s), {r['cpu_seconds']:.1f} CPU s",
+                      flush=True)
+            tries.sort(key=lambda r: r["seconds"])
+            results[name] = dict(tries[len(tries) // 2], peak_rss_mib=max(r["peak_rss_mib"] for r in tries))
+            if repeat > 1:
+                print(f"{name}: median of {repeat} runs {results[name]['events_per_s']:,.0f} events/s "
+                      f"(fastest {tries[0]['events_per_s']:,.0f}, slowest {tries[-1]['events_per_s']:,.0f})",
+                      flush=True)
             inp.unlink()
     full = results["full"]
     out = {"events": full["events"], "seconds": round(full["seconds"], 2),

@@ -72,6 +72,41 @@ def parse_prepared(prepared: list[Any], first_idx: int, skip_outputs: bool = Fal
     return parsed
 
 
+def parse_flat(prepared: list[Any], first_idx: int, flat_start: int,
+               skip_outputs: bool = False) -> tuple[list[Any], list[Element], int]:
+    """:func:`parse_prepared` and :func:`flatten` in one pass (the engine's per-batch path):
+    the parsed events, their elements, and the flow position after them.
+
+    >>> _, els, end = parse_flat([{"role": "user", "content": "hi"}, {"role": "tool", "content": "ok",
+    ...     "tool_call_id": None}], 3, 7, skip_outputs=True)
+    >>> [(e.kind, e.trace_idx, e.flat) for e in els], end
+    ([('Message', 3, 7)], 9)
+    """
+    parsed = _parse_plain(prepared, skip_outputs)
+    if parsed is None:
+        parsed = Input.parse_input(None, prepared)  # type: ignore[arg-type] - uses no instance state
+    out: list[Element] = []
+    flat = flat_start
+    for pos, event in enumerate(parsed):
+        if event is None:  # a skipped tool output still takes its place in the order
+            flat += 1
+            continue
+        idx = first_idx + pos
+        event.metadata["trace_idx"] = idx
+        t = type(event)
+        out.append(Element(event, t.__name__, idx, -1, flat, event, pos))
+        flat += 1
+        calls = event.tool_calls if t is Message else (
+            None if t is ToolOutput or t is ToolCall else getattr(event, "tool_calls", None))
+        if calls:
+            for j, call in enumerate(calls):
+                call.metadata["trace_idx"] = idx
+                if t is Message:
+                    out.append(Element(call, type(call).__name__, idx, j, flat, event, pos))
+                    flat += 1
+    return parsed, out, flat
+
+
 def _parse_plain(events: list[Any], skip_outputs: bool = False) -> list[Any] | None:
     """``Input.parse_input`` for messages, tool outputs and tool calls, without its deep copy.
 
@@ -723,6 +758,6 @@ def _fast_bool(node: Any, var_decls: set[int]) -> Any:
 
 
 __all__ = ["Element", "EventIndex", "DirectContext", "Outcome", "Occurrences", "evaluate",
-           "evaluate_fast", "evaluate_value", "flatten", "object_place", "parse_batch",
+           "evaluate_fast", "evaluate_value", "flatten", "object_place", "parse_batch", "parse_flat",
            "parse_prepared", "prepared_events",
            "TRUE", "FALSE", "RAISE", "OTHER", "ToolCall", "ToolOutput", "Message"]

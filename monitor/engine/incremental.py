@@ -71,10 +71,9 @@ from monitor.engine.evaluator import (
     evaluate,
     evaluate_fast,
     evaluate_value,
-    flatten,
     object_place,
     parse_batch,
-    parse_prepared,
+    parse_flat,
     prepared_events,
 )
 from monitor.engine.reference import DEFAULT_MAX_HISTORY, LoopPool, jsonable, shift_address
@@ -185,10 +184,9 @@ class IncrementalEngine(Engine):
         # tool outputs made explicit once: parsing, kept events and call records all read them
         prepared, last_call = prepared_events(pending, head.get("lc"))
         try:
-            parsed = parse_prepared(prepared, length, self._skip_outputs)
+            parsed, elements, flat_end = parse_flat(prepared, length, head["flat"], self._skip_outputs)
         except Exception as exc:  # noqa: BLE001 - the reference fails the same way
             raise EngineError(f"{type(exc).__name__}: {exc}") from exc
-        elements = flatten(parsed, head["flat"])
         index = EventIndex()
         by_kind: dict[str, list[Element]] = {}
         for el in elements:
@@ -220,7 +218,6 @@ class IncrementalEngine(Engine):
         matches: list[Match] = []
         appended: list[dict] = []
         new_tail: dict[str, dict[str, list]] = {}
-        flat_end = head["flat"] + len(elements) + parsed.count(None)
         objects: dict[int, Any] = {}  # kept events re-read this check, one object per trace index
 
         for rule in self.compiled:
