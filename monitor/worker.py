@@ -31,6 +31,7 @@ import time
 from typing import Any, NamedTuple
 
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from monitor.config import WorkerSettings
 from monitor.engine import Engine, EngineError, make_engine
@@ -88,9 +89,14 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
     if value is None:
         raise Rejected("invalid", "the record has no value (a tombstone?)", key_text)
     try:
-        data = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        data = exc
+        # pydantic-core's parser: over twice as fast as json's on agent records, and equal on
+        # every text it accepts (numbers included)
+        data = from_json(value, cache_strings=False)
+    except ValueError:
+        try:  # json decides the rest (it also takes lone surrogates and UTF-16) and words the error
+            data = json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = exc
     sid = data.get("session_id") if isinstance(data, dict) else None
     bid = data.get("batch_id") if isinstance(data, dict) else None
     sid = sid if isinstance(sid, str) and sid else key_text
