@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars browser demo test test-unit bench-engine bench-replay broker-start broker-stop clean
+.PHONY: install jars browser demo test test-unit bench-engine bench-replay bench-replay-instructions broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -36,6 +36,11 @@ bench-engine: $(STAMP)
 
 bench-replay: $(STAMP)
 	$(BIN)/python bench/replay.py
+
+# instructions per replayed batch under valgrind: steady where wall-clock time is not
+bench-replay-instructions: $(STAMP)
+	command -v valgrind >/dev/null || (apt-get update && apt-get install -y valgrind)
+	$(BIN)/python bench/replay_instructions.py
 
 broker-start: jars
 	$(BIN)/agent-monitor broker start
