@@ -499,7 +499,7 @@ class MonitorClient:
                 return fut.result(left)
             except FutureTimeout:
                 raise VerdictTimeout(batch.session_id, batch.batch_id, timeout, self.topics.verdicts,
-                                     batch) from None
+                                 batch) from None
         finally:
             listener.forget(batch.session_id, batch.batch_id, fut)
 
@@ -536,7 +536,7 @@ class MonitorClient:
                 return await asyncio.wrap_future(fut)
         except TimeoutError:
             raise VerdictTimeout(batch.session_id, batch.batch_id, timeout, self.topics.verdicts,
-                                     batch) from None
+                                 batch) from None
         finally:
             listener.forget(batch.session_id, batch.batch_id, fut)
 

@@ -10,10 +10,11 @@ single conditions, and turns the ranges a condition marks into whole-trace addre
 Example::
 
     >>> import asyncio
-    >>> from monitor.engine.evaluator import parse_batch, flatten
-    >>> events, last = parse_batch([{"role": "assistant", "content": None, "tool_calls": [
-    ...     {"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}]}], 5, None)
-    >>> [(e.kind, e.trace_idx, e.call_idx) for e in flatten(events, 0)]
+    >>> from monitor.engine.evaluator import parse_flat, prepared_events
+    >>> prepared, last = prepared_events([{"role": "assistant", "content": None, "tool_calls": [
+    ...     {"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}]}], None)
+    >>> _, elements, _ = parse_flat(prepared, 5, 0)
+    >>> [(e.kind, e.trace_idx, e.call_idx) for e in elements]
     [('Message', 5, -1), ('ToolCall', 5, 0)]
 """
 
@@ -48,34 +49,20 @@ def parse_batch(events: list[dict[str, Any]], first_idx: int,
     return parse_prepared(prepared, first_idx), running
 
 
-def parse_prepared(prepared: list[Any], first_idx: int, skip_outputs: bool = False) -> list[Any]:
-    """:func:`parse_batch` for events :func:`prepared_events` made ready already.
-
-    ``skip_outputs``: tool outputs are left None where they certainly parse (for a policy no
-    variable of which binds a tool output or follows one to its call): their objects would
-    never be read.
-    """
-    parsed = _parse_plain(prepared, skip_outputs)
-    if parsed is None:
-        parsed = Input.parse_input(None, prepared)  # type: ignore[arg-type] - uses no instance state
-    for k, event in enumerate(parsed):
-        if event is None:
-            continue
-        idx = first_idx + k
-        event.metadata["trace_idx"] = idx
-        # only messages have tool calls; getattr on other pydantic models raises inside first
-        t = type(event)
-        calls = event.tool_calls if t is Message else (
-            None if t is ToolOutput or t is ToolCall else getattr(event, "tool_calls", None))
-        for call in calls or []:
-            call.metadata["trace_idx"] = idx
-    return parsed
+def parse_prepared(prepared: list[Any], first_idx: int) -> list[Any]:
+    """:func:`parse_batch` for events :func:`prepared_events` made ready already."""
+    return parse_flat(prepared, first_idx, 0)[0]
 
 
 def parse_flat(prepared: list[Any], first_idx: int, flat_start: int,
                skip_outputs: bool = False) -> tuple[list[Any], list[Element], int]:
-    """:func:`parse_prepared` and :func:`flatten` in one pass (the engine's per-batch path):
-    the parsed events, their elements, and the flow position after them.
+    """Parse ``prepared`` (see :func:`parse_prepared`) and flatten it into the order invariant's
+    ``Dataflow`` adds objects in (a message, then its tool calls), in one pass: the parsed events,
+    their elements, and the flow position after them.
+
+    ``skip_outputs``: tool outputs are left None where they certainly parse (for a policy no
+    variable of which binds a tool output or follows one to its call: their objects would never
+    be read); they keep their place in the order but give no element.
 
     >>> _, els, end = parse_flat([{"role": "user", "content": "hi"}, {"role": "tool", "content": "ok",
     ...     "tool_call_id": None}], 3, 7, skip_outputs=True)
@@ -168,6 +155,7 @@ _call = ToolCall.__pydantic_validator__.validate_python
 
 
 _OUTPUT_FIELDS = frozenset(ToolOutput.model_fields)
+_ABSENT: Any = object()  # a key that is not there
 _new, _set = object.__new__, object.__setattr__
 
 
@@ -184,19 +172,16 @@ def _plain_output(event: dict[str, Any], build: bool = True) -> Any:
     (True, True, True)
     """
     role, content, cid = event["role"], event.get("content"), event.get("tool_call_id")
-    meta = event.get("metadata", _OUTPUT_FIELDS)  # (a sentinel: absent)
+    meta = event.get("metadata", _ABSENT)
     server = event.get("server")
     if type(role) is not str or (content is not None and type(content) is not str) \
-            or (cid is not None and type(cid) is not str) or (server is not None and type(server) is not str):
-        return None
-    if meta is _OUTPUT_FIELDS:
-        meta = {}
-    elif type(meta) is dict:
-        meta = dict(meta)  # validation copies it too: trace_idx is written into it
-    elif meta is not None:
+            or (cid is not None and type(cid) is not str) or (server is not None and type(server) is not str) \
+            or not (meta is _ABSENT or meta is None or type(meta) is dict):
         return None
     if not build:
         return True
+    # validation copies the metadata too: trace_idx is written into it
+    meta = {} if meta is _ABSENT else dict(meta) if meta is not None else None
     out = _new(ToolOutput)
     _set(out, "__dict__", {"metadata": meta, "server": server, "role": role, "content": content,
                            "tool_call_id": cid})
@@ -221,11 +206,11 @@ def prepared_events(events: list[dict[str, Any]],
     running = last_call_id
     for event in events:
         if isinstance(event, dict):
-            role = event.get("role", _NO_ROLE)
+            role = event.get("role", _ABSENT)
             if role == "tool":
                 if "tool_call_id" not in event:
                     event = {**event, "tool_call_id": running}
-            elif role is not _NO_ROLE:
+            elif role is not _ABSENT:
                 calls = event.get("tool_calls")
                 if calls:
                     for call in calls:
@@ -234,9 +219,6 @@ def prepared_events(events: list[dict[str, Any]],
                 running = event.get("id")
         out.append(event)
     return out, running
-
-
-_NO_ROLE: Any = object()
 
 
 @dataclass(slots=True)
@@ -250,28 +232,6 @@ class Element:
     flat: int  # position in the flattened order; a -> b iff flat(a) < flat(b)
     event: Any = None  # the top-level event holding obj
     raw_pos: int = 0  # index of the top-level event in its batch
-
-
-def flatten(events: list[Any], flat_start: int) -> list[Element]:
-    """Elements in the order invariant's ``Dataflow`` adds them (message, then its tool calls).
-
-    A skipped event (None, see :func:`parse_prepared`) takes its place in the order but gives
-    no element.
-    """
-    out: list[Element] = []
-    flat = flat_start
-    for pos, event in enumerate(events):
-        if event is None:
-            flat += 1
-            continue
-        idx = event.metadata["trace_idx"]
-        out.append(Element(event, type(event).__name__, idx, -1, flat, event, pos))
-        flat += 1
-        if type(event) is Message and event.tool_calls is not None:
-            for j, call in enumerate(event.tool_calls):
-                out.append(Element(call, type(call).__name__, idx, j, flat, event, pos))
-                flat += 1
-    return out
 
 
 class Occurrences:
@@ -758,6 +718,6 @@ def _fast_bool(node: Any, var_decls: set[int]) -> Any:
 
 
 __all__ = ["Element", "EventIndex", "DirectContext", "Outcome", "Occurrences", "evaluate",
-           "evaluate_fast", "evaluate_value", "flatten", "object_place", "parse_batch", "parse_flat",
+           "evaluate_fast", "evaluate_value", "object_place", "parse_batch", "parse_flat",
            "parse_prepared", "prepared_events",
            "TRUE", "FALSE", "RAISE", "OTHER", "ToolCall", "ToolOutput", "Message"]

@@ -99,6 +99,11 @@ def _failed_record(pos: int, el: Element, rg: list) -> dict[str, Any]:
     return {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": rg, "st": pos, "k": FALSE}
 
 
+def _record_of(rec: dict[str, Any] | int, el: Element) -> dict[str, Any]:
+    """A failed element's record, made from its failing position if that is all it kept."""
+    return _failed_record(rec, el, []) if type(rec) is int else rec
+
+
 def _record_outcome(rec: dict[str, Any], cond: Any, out: Any) -> bool:
     """Add one own condition's outcome to a candidate record; True when the body stops there."""
     if out.status in (FALSE, RAISE):
@@ -386,10 +391,9 @@ class IncrementalEngine(Engine):
                     st = rec if type(rec) is int else rec["st"]
                     if st not in seen:
                         seen.add(st)
-                        new_witnesses[v].append(_failed_record(rec, el, []) if type(rec) is int else rec)
+                        new_witnesses[v].append(_record_of(rec, el))
             elif keep and keep > 0:
-                new_witnesses[v] = [_failed_record(rec, el, []) if type(rec) is int else rec
-                                    for rec, el in failed[v]]
+                new_witnesses[v] = [_record_of(rec, el) for rec, el in failed[v]]
         if not any(new) and not any(failed):
             return [], new_recs, new_witnesses
 
@@ -405,8 +409,8 @@ class IncrementalEngine(Engine):
         if raising:
             # walk every assignment in body order, without pruning, so the error surfaces
             # exactly where invariant's evaluation would hit it
-            domains_new = [new[v] + [_Cand(_failed_record(rec, el, []) if type(rec) is int else rec, el, True)
-                                     for rec, el in failed[v]] for v in range(nvars)]
+            domains_new = [new[v] + [_Cand(_record_of(rec, el), el, True) for rec, el in failed[v]]
+                           for v in range(nvars)]
             stored = [stored[v] + witnesses[v] for v in range(nvars)]
         else:
             domains_new = new
