@@ -95,7 +95,7 @@ from monitor.report import (
     write_report,
 )
 from monitor.state import SessionStore
-from monitor.worker import Rejected, decode_batch
+from monitor.worker import LONE_SURROGATE, Rejected, decode_batch, is_unicode
 
 TRACE_SUFFIXES = (".json",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -166,11 +166,25 @@ def _is_event(value: Any) -> bool:
     return isinstance(value, dict) and ("role" in value or "function" in value) and "events" not in value
 
 
+def _is_container(value: Any) -> bool:
+    return isinstance(value, dict) and ("batch_id" in value or "events" in value or "batches" in value)
+
+
+def _is_event_list(doc: list[Any]) -> bool:
+    """A plain trace: events, none of them a session or a batch (a malformed event among them is
+    reported on its own, and the rest of the session is still replayed)."""
+    return any(_is_event(e) for e in doc) and not any(_is_container(e) for e in doc)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 class FileSource:
     """Batches from trace files, in file order; records each file's sha256 as it reads it.
 
     A plain trace (a list of events) is one session named after the file; its events become
     batches of ``trace_batch`` events (one per event by default: each step checked as it happened).
+    A session that goes on in a later file (the same ``session_id``) goes on numbering its batches.
     """
 
     def __init__(self, paths: list[str], trace_batch: int = 1, max_record_bytes: int = 1_000_000,
@@ -183,15 +197,24 @@ class FileSource:
         self.read: list[InputFile] = []
         self.total = sum(f.stat().st_size for f in self.files if f.is_file())
         self.done = 0
+        self._named: dict[str, Path] = {}  # session names taken from file names, and by which file
+        self._next: dict[str, int] = {}  # per session read from JSON files: its next batch number
+        self._check_text = False  # the file being read has surrogate escapes: check what it holds
 
     def _session_name(self, f: Path) -> str:
+        name = f.stem
         for root in self.roots:
             if root.is_dir():
                 try:
-                    return f.relative_to(root).with_suffix("").as_posix()
+                    name = f.relative_to(root).with_suffix("").as_posix()
+                    break
                 except ValueError:
                     continue
-        return f.stem
+        # two files given by their paths may share a stem (a/s.json, b/s.json): not one session
+        if self._named.setdefault(name, f) != f:
+            name = f.with_suffix("").as_posix()
+            self._named.setdefault(name, f)
+        return name
 
     def __iter__(self) -> Iterator[Item]:
         for f in self.files:
@@ -237,8 +260,11 @@ class FileSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             line = getattr(exc, "lineno", None)
             where = f"{path}:{line}" if line else path
-            yield Item(where, bad=BadInput(where=where, file=path, line=line, reason=f"not JSON: {exc}"))
+            hint = (" (one JSON value per line is JSON Lines: name the file .jsonl)"
+                    if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data" else "")
+            yield Item(where, bad=BadInput(where=where, file=path, line=line, reason=f"not JSON: {exc}{hint}"))
             return
+        self._check_text = _SURROGATE_ESCAPE.search(data) is not None
         if isinstance(doc, dict):
             doc = [doc]
             single = True
@@ -247,16 +273,13 @@ class FileSource:
         if not isinstance(doc, list):
             yield Item(path, bad=BadInput(where=path, file=path, reason="expected a list or an object"))
             return
-        if doc and all(_is_event(e) for e in doc):
+        if doc and _is_event_list(doc):
             yield from self._session(path, path, self._session_name(f), doc, {})
             return
         for i, obj in enumerate(doc):
             where = path if single else f"{path}#{i}"
             if isinstance(obj, dict) and "batch_id" in obj:
-                try:
-                    yield Item(where, batch=EventBatch.model_validate(obj))
-                except ValidationError as exc:
-                    yield Item(where, bad=BadInput(where=where, file=path, reason=_reason(exc)))
+                yield self._item(where, path, obj)
             elif isinstance(obj, dict) and isinstance(obj.get("events"), list):
                 sid = obj.get("session_id") or (self._session_name(f) + ("" if single else f"#{i}"))
                 yield from self._session(path, where, str(sid), obj["events"], obj)
@@ -268,32 +291,39 @@ class FileSource:
                 yield Item(where, bad=BadInput(where=where, file=path, reason=(
                     "neither an event list, a session object (events or batches) nor an EventBatch")))
 
+    def _item(self, where: str, path: str, fields: dict[str, Any]) -> Item:
+        """An EventBatch made of ``fields``, or the bad input that says why it is none."""
+        try:
+            if self._check_text and not is_unicode(fields):
+                reason = LONE_SURROGATE
+            else:
+                return Item(where, batch=EventBatch.model_validate(fields))
+        except ValidationError as exc:
+            reason = _reason(exc)
+        return Item(where, bad=BadInput(where=where, file=path, reason=reason))
+
+    def _numbered(self, sid: str, count: int) -> range:
+        """The numbers of a session's next ``count`` batches (it may go on from an earlier file)."""
+        first = self._next.get(sid, 0)
+        self._next[sid] = first + count
+        return range(first, first + count)
+
     def _batches(self, path: str, where: str, sid: str, batches: list[Any], obj: dict[str, Any]) -> Iterator[Item]:
-        for k, events in enumerate(batches):
-            w = f"{where}#batches[{k}]"
-            try:  # ids as monitor.samples plays them: <session>:<index>, seq = index
-                batch = EventBatch.model_validate({
-                    "session_id": sid, "batch_id": f"{sid}:{k}", "seq": k, "events": events,
-                    "policy": obj.get("policy"), "metadata": obj.get("metadata") or {},
-                })
-            except ValidationError as exc:
-                yield Item(w, bad=BadInput(where=w, file=path, reason=_reason(exc)))
-                continue
-            yield Item(w, batch=batch)
+        for k, n in enumerate(self._numbered(sid, len(batches))):
+            # ids as monitor.samples plays them: <session>:<index>, seq = index
+            yield self._item(f"{where}#batches[{k}]", path, {
+                "session_id": sid, "batch_id": f"{sid}:{n}", "seq": n, "events": batches[k],
+                "policy": obj.get("policy"), "metadata": obj.get("metadata") or {},
+            })
 
     def _session(self, path: str, where: str, sid: str, events: list[Any], obj: dict[str, Any]) -> Iterator[Item]:
-        n = self.trace_batch
-        for k, i in enumerate(range(0, len(events), n)):
-            w = f"{where}#events[{i}]"
-            try:
-                batch = EventBatch.model_validate({
-                    "session_id": sid, "batch_id": str(k), "seq": k, "events": events[i:i + n],
-                    "policy": obj.get("policy"), "metadata": obj.get("metadata") or {},
-                })
-            except ValidationError as exc:
-                yield Item(w, bad=BadInput(where=w, file=path, reason=_reason(exc)))
-                continue
-            yield Item(w, batch=batch)
+        step = self.trace_batch
+        starts = range(0, len(events), step)
+        for i, n in zip(starts, self._numbered(sid, len(starts))):
+            yield self._item(f"{where}#events[{i}]", path, {
+                "session_id": sid, "batch_id": str(n), "seq": n, "events": events[i:i + step],
+                "policy": obj.get("policy"), "metadata": obj.get("metadata") or {},
+            })
 
 
 def _parse_time(value: str | None) -> int | None:
@@ -520,31 +550,37 @@ class Evaluator:
         return ",".join(sorted({e.name for e in self.worker.engines.values()}))
 
     async def evaluate(self, batch: EventBatch, source: str, ref: SourceRef | None = None) -> Outcome:
-        sid = batch.session_id
-        verdict, new, _ = await self.worker.evaluate(self.store, batch, ref)
+        verdict, new, omitted = await self.worker.evaluate(self.store, batch, ref)
+        return self._outcome(verdict, new, omitted, source, batch.seq, len(batch.events))
+
+    async def reject(self, rejected: Rejected, source: str, ref: SourceRef | None = None) -> Outcome:
+        """The worker's answer to a record it rejects but can address (session and batch ids
+        readable): a deny it remembers, or the verdict that batch id already has."""
+        verdict, new, omitted = await self.worker.reject(self.store, rejected, ref)
+        return self._outcome(verdict, new, omitted, source, verdict.seq, 0)
+
+    def _outcome(self, verdict: Verdict, new: bool, omitted: tuple, source: str, seq: int | None,
+                 events: int) -> Outcome:
         joined = new and verdict.reason is None and (verdict.decision == "allow" or self.options.keep_denied)
         # the trace index of the batch's first event: what this policy's past of the session holds
         # (counted here rather than re-reading the session head: same number, less work)
-        key = (sid, verdict.policy_id)
+        key = (verdict.session_id, verdict.policy_id)
         start = self.lengths.get(key, 0)
         if joined:
-            self.lengths[key] = start + len(batch.events)
+            self.lengths[key] = start + events
         # validating is cheaper than model_construct here (pydantic-core vs a Python loop)
         res = BatchResult(
-            batch_id=batch.batch_id, seq=batch.seq, source=source, events=len(batch.events), start=start,
+            batch_id=verdict.batch_id, seq=seq, source=source, events=events, start=start,
             decision=verdict.decision, reason=verdict.reason, duplicate=not new, policy_id=verdict.policy_id,
-            policy_sha256=verdict.policy_sha256, violations=verdict.violations, evidence=[])
+            policy_sha256=verdict.policy_sha256,
+            # an audit lists every violation: the verdict's, and those past its cap that the
+            # worker sends as alerts only
+            violations=verdict.violations + list(omitted) if omitted else verdict.violations, evidence=[])
         return Outcome(res, joined=joined)
 
     def close(self) -> None:
         self.worker.close()
         self.verdicts.close()
-
-
-def rejected_result(rej: Any, source: str) -> BatchResult:
-    """The deny the worker gives a rejected record whose session and batch ids it could read."""
-    return BatchResult(batch_id=rej.batch_id, source=source, events=0, start=0, decision="deny",
-                       reason=f"rejected record ({rej.kind}): {rej.reason}")
 
 
 # ============================================================================ result spool
@@ -682,7 +718,8 @@ def _trace_of(raw: bytes | None) -> list[dict[str, Any]]:
         return []
     if raw[:1] == b"[":
         return json.loads(raw)
-    return EventBatch.model_validate_json(raw).trace()
+    # as it was decoded when it was evaluated (a BOM, say, passes there)
+    return decode_batch(None, raw, len(raw), keyed=False).trace()
 
 
 # ============================================================================ orchestration
@@ -750,13 +787,14 @@ def _policy_ref(path: str, ps: PolicySet) -> PolicyRef:
 class _Publisher:
     """Verdicts and alerts of a replay to ``<prefix>.verdicts`` / ``<prefix>.alerts``."""
 
-    def __init__(self, bootstrap: str, prefix: str, engine: str) -> None:
+    def __init__(self, bootstrap: str, prefix: str, engine: str, max_violations: int) -> None:
         from confluent_kafka import Producer
 
         from monitor.config import TopicNames
 
         self.topics = TopicNames.for_prefix(prefix)
         self.engine = engine
+        self.cap = max_violations  # per verdict, as the worker's --max-verdict-violations
         try:  # a cluster may not auto-create topics; provisioning is idempotent
             from monitor.topics import create_topics
 
@@ -768,7 +806,8 @@ class _Publisher:
 
     def send(self, session_id: str, res: BatchResult, ref: SourceRef | None) -> None:
         v = Verdict(session_id=session_id, batch_id=res.batch_id, seq=res.seq, decision=res.decision,
-                    violations=res.violations, reason=res.reason, policy_id=res.policy_id,
+                    violations=res.violations[:self.cap], violations_omitted=max(0, len(res.violations) - self.cap),
+                    reason=res.reason, policy_id=res.policy_id,
                     policy_sha256=res.policy_sha256, engine=self.engine if res.policy_sha256 else None,
                     source=ref)
         key = session_id.encode()
@@ -896,7 +935,8 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
         bootstrap = req.publish_bootstrap or req.bootstrap_servers
         if not bootstrap:
             raise ReplayError("--publish needs --bootstrap-servers")
-        publisher = _Publisher(bootstrap, req.publish_prefix, main.engine_names())
+        publisher = _Publisher(bootstrap, req.publish_prefix, main.engine_names(),
+                               main.settings.max_verdict_violations)
     store = ResultStore(db_dir, f"shard-{shard}")
     out_summary = _ShardSummary(db=store.path)
     sessions, rules, bad, counts = out_summary.sessions, out_summary.rules, out_summary.bad, out_summary.counts
@@ -904,12 +944,15 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
     last = 0.0
     # plain ints in the loop: a pydantic model's attribute write costs a Python call per batch
     records = batches = events = duplicates = 0
+    # files: every shard reads them and keeps its own sessions; a topic's partitions are dealt
+    # out to the shards already (a session lives on one partition)
+    by_session = shards > 1 and isinstance(source, FileSource)
     try:
         for item in source:
             batch = item.batch
             rej = item.rejected
             sid = batch.session_id if batch is not None else (rej.session_id if rej is not None else None)
-            if shards > 1 and shard_of(item.route or sid, shards) != shard:
+            if by_session and shard_of(item.route or sid, shards) != shard:
                 continue  # another shard's session (JSON files are parsed by every shard)
             records += 1
             if item.bad is not None:
@@ -920,14 +963,13 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
             agg = sessions.get(sid)
             if agg is None:
                 agg = sessions[sid] = _SessionAgg()
-            if batch is None:  # the worker denies a rejected record it can address, state untouched
-                res = rejected_result(rej, item.where)
-                out, o = Outcome(res, joined=False), res
+            if batch is None:  # the worker denies a rejected record it can address
+                out = await main.reject(rej, item.where, item.ref)
                 raw = b""
             else:
                 out = await main.evaluate(batch, item.where, item.ref)
-                res = out.result
                 raw = item.raw if item.raw is not None else json.dumps(batch.trace()).encode()
+            res = out.result
             store.add(sid, agg.ord, out.joined, res, raw)
             batches += 1
             events += res.events
@@ -951,8 +993,8 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
                         seen_rules.add(k)
                     r[3].add(sid)
             if alt is not None:
-                if batch is not None:
-                    o = (await alt.evaluate(batch, item.where, item.ref)).result
+                o = (await (alt.evaluate(batch, item.where, item.ref) if batch is not None
+                            else alt.reject(rej, item.where, item.ref))).result
                 other_decisions[o.decision] += 1
                 if o.decision == "deny":
                     agg.other_denied += 1
@@ -1102,9 +1144,15 @@ def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
     t0 = time.monotonic()
     if not req.topic and not req.inputs:
         raise ReplayError("nothing to replay: give trace files or folders, or --topic/--prefix")
+    if not req.topic and not discover_files(req.inputs):
+        raise ReplayError(f"no trace files ({', '.join(TRACE_SUFFIXES + JSONL_SUFFIXES)}) in "
+                          + ", ".join(req.inputs))
     options = req.options()
     policies = load_policy_set(req.policy)  # refuse a bad policy before any work starts
     other = load_policy_set(req.compare) if req.compare else None
+    for target in (req.out, req.html):  # and an unwritable report path before the work, not after
+        if target:
+            _check_writable(target)
     summaries = _run_shards(req, _auto_shards(req), workdir, policies, other)
 
     sessions: dict[str, _SessionAgg] = {}
@@ -1180,10 +1228,14 @@ def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
                     denied=a.denied, violations=a.violations), [r[2] for r in rows])
 
     tmp = req.out + ".tmp"
-    Path(req.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        write_report(fh, head, session_results())
-    os.replace(tmp, req.out)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            write_report(fh, head, session_results())
+        os.replace(tmp, req.out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     for st in stores:
         st.close()
     html_path = None
@@ -1195,6 +1247,16 @@ def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
     return ReplayResult(report=head, out=req.out, html=html_path, seconds=time.monotonic() - t0,
                         changed_sessions=changes, shards=len(summaries),
                         peak_rss_mib=own + sum(s.peak_rss_mib for s in summaries))
+
+
+def _check_writable(path: str) -> None:
+    probe = Path(path + ".tmp")
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ReplayError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _with_evidence(rows: list[tuple]) -> list[BatchResult]:
@@ -1250,10 +1312,39 @@ def _file_problems(files: list[InputFile], what: str) -> list[str]:
     return out
 
 
-def verdict_key(session_id: str, b: BatchResult) -> tuple:
-    """What must be identical for two verdicts to be the same verdict."""
-    return (session_id, b.batch_id, b.decision,
-            tuple(sorted((v.alert_id, v.message, tuple(v.addresses)) for v in b.violations)))
+def _differing(a: Any, b: Any, exclude: frozenset[str] = frozenset()) -> list[str]:
+    """The fields in which two results of one model differ."""
+    return [name for name in type(a).model_fields if name not in exclude and getattr(a, name) != getattr(b, name)]
+
+
+def _batch_line(b: BatchResult | None) -> str:
+    if b is None:
+        return "nothing"
+    return f"{b.decision} with {len(b.violations)} violations" + (f" ({b.reason})" if b.reason else "")
+
+
+def _result_problems(report: Report, again: Report) -> tuple[list[str], int]:
+    """Where a re-run's results differ from a report's: every field of every batch result (the
+    verdict, its reason and violations, evidence ...), of every session, and the totals."""
+    problems: list[str] = []
+    theirs = {(s.session_id, i): b for s in report.sessions for i, b in enumerate(s.batches)}
+    ours = {(s.session_id, i): b for s in again.sessions for i, b in enumerate(s.batches)}
+    diffs = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    for k in diffs[:20]:
+        a, b = theirs.get(k), ours.get(k)
+        fields = f" ({', '.join(_differing(a, b))} differ)" if a is not None and b is not None else ""
+        problems.append(f"session {k[0]} batch #{k[1]}{fields}: report has {_batch_line(a)}, "
+                        f"re-run gives {_batch_line(b)}")
+    if len(diffs) > 20:
+        problems.append(f"... and {len(diffs) - 20} more differing verdicts")
+    sessions = {s.session_id: s for s in again.sessions}
+    for s in report.sessions:
+        mine = sessions.get(s.session_id)
+        if mine is not None and (fields := _differing(s, mine, frozenset({"batches"}))):
+            problems.append(f"session {s.session_id}: {', '.join(fields)} differ")
+    if fields := _differing(report.totals, again.totals):
+        problems.append(f"the totals differ: {', '.join(fields)}")
+    return problems, len(theirs)
 
 
 def verify_report(path: str | Path, *, bootstrap_servers: str | None = None, workdir: str | None = None,
@@ -1309,28 +1400,32 @@ def verify_report(path: str | Path, *, bootstrap_servers: str | None = None, wor
             problems.append(f"{name}: {y} now, {x} in the report")
     if [b.where for b in again.bad_input] != [b.where for b in report.bad_input]:
         problems.append("the bad input listed differs")
-    theirs = {(s.session_id, i): verdict_key(s.session_id, b)
-              for s in report.sessions for i, b in enumerate(s.batches)}
-    ours = {(s.session_id, i): verdict_key(s.session_id, b)
-            for s in again.sessions for i, b in enumerate(s.batches)}
-    diffs = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-    for k in diffs[:20]:
-        a, b = theirs.get(k), ours.get(k)
-        problems.append(f"session {k[0]} batch #{k[1]}: report has "
-                        f"{a[2] + ' ' + str(len(a[3])) + ' violations' if a else 'nothing'}, re-run gives "
-                        f"{b[2] + ' ' + str(len(b[3])) + ' violations' if b else 'nothing'}")
-    if len(diffs) > 20:
-        problems.append(f"... and {len(diffs) - 20} more differing verdicts")
+    # a policy folder is what it holds now: a file added to it changes the policy
+    for what, mine, now in (("policy", m.policy, again.manifest.policy),
+                            ("compare policy", m.compare_policy, again.manifest.compare_policy)):
+        if mine is None or now is None:
+            continue
+        if [f.path for f in now.files] != [f.path for f in mine.files]:
+            added = sorted({f.path for f in now.files} - {f.path for f in mine.files})
+            gone = sorted({f.path for f in mine.files} - {f.path for f in now.files})
+            problems.append(f"the {what} {mine.path} holds other files now"
+                            + (f"; added: {', '.join(added)}" if added else "")
+                            + (f"; gone: {', '.join(gone)}" if gone else ""))
+        elif now.sha256 != mine.sha256:
+            problems.append(f"the {what} {mine.path} changed: sha256 {now.sha256} != {mine.sha256} in the report")
+    found, checked = _result_problems(report, again)
+    problems += found
     if report.compare is not None and again.compare is not None:
         if report.compare.model_dump(exclude={"policy"}) != again.compare.model_dump(exclude={"policy"}):
             problems.append("the comparison with the second policy differs")
-    return VerifyResult(not problems, problems, notes, verdicts_checked=len(theirs))
+    return VerifyResult(not problems, problems, notes, verdicts_checked=checked)
 
 
 # ============================================================================ CLI
 
 
 def _print_summary(res: ReplayResult, console: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     r = res.report
@@ -1351,24 +1446,25 @@ def _print_summary(res: ReplayResult, console: Any) -> None:
         for col in ("policy", "rule", "message", "severity", "violations", "sessions"):
             rt.add_column(col)
         for rule in t.rules:
-            rt.add_row(rule.policy_id or "", str(rule.rule_index), rule.message, rule.severity,
+            # rule messages and ids are data: "[risk=medium]" is no markup tag
+            rt.add_row(escape(rule.policy_id or ""), str(rule.rule_index), escape(rule.message), rule.severity,
                        str(rule.violations), str(rule.sessions))
         console.print(rt)
     if r.compare is not None:
         c = r.compare
-        ct = Table(title=f"compared with {c.policy.policy_id}: {c.sessions_changed} sessions change verdict")
+        ct = Table(title=f"compared with {escape(c.policy.policy_id)}: {c.sessions_changed} sessions change verdict")
         for col in ("session", "this policy", "other policy", "why"):
             ct.add_column(col)
         for ch in c.changes[:50]:
             why = "; ".join((b.violations or [b.reason or ""])[0] + " → " +
                             ((b.other_violations or [b.other_reason or "allowed"])[0])
                             for b in ch.batches[:3])
-            ct.add_row(ch.session_id, ch.decision, ch.other_decision, why)
+            ct.add_row(escape(ch.session_id), ch.decision, ch.other_decision, escape(why))
         console.print(ct)
     if r.bad_input:
         console.print(f"[yellow]{len(r.bad_input)} bad input records were skipped "
-                      f"(first: {r.bad_input[0].where}: {r.bad_input[0].reason})")
-    console.print(f"report: {res.out}" + (f"  html: {res.html}" if res.html else ""))
+                      f"(first: {escape(r.bad_input[0].where)}: {escape(r.bad_input[0].reason)})")
+    console.print(escape(f"report: {res.out}" + (f"  html: {res.html}" if res.html else "")))
 
 
 def _console() -> Any:
@@ -1379,6 +1475,8 @@ def _console() -> Any:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from monitor.config import TopicNames, env_bootstrap
 
     console = _console()
@@ -1392,15 +1490,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         trace_batch=args.trace_batch, budget_ms=args.budget_ms, max_record_bytes=args.max_record_bytes,
         bootstrap_servers=args.bootstrap_servers or (env_bootstrap() if topic or args.publish else None),
         topic=topic, from_time=args.from_time, to_time=args.to_time,
-        from_offsets=parse_offsets(args.from_offset), to_offsets=parse_offsets(args.to_offset),
-        partitions=[int(p) for p in args.partitions.split(",")] if args.partitions else None,
+        from_offsets=args.from_offset, to_offsets=args.to_offset, partitions=args.partitions,
         publish_prefix=args.publish, shards=args.shards, progress=not args.no_progress and sys.stderr.isatty() or args.progress,
         command=["agent-monitor", *(getattr(args, "argv_", None) or sys.argv[1:])],
     )
     try:
         res = run_replay(req)
-    except (ReplayError, ValueError) as exc:
-        console.print(f"[red]replay failed: {exc}")
+    except (ReplayError, ValueError, OSError) as exc:
+        console.print(f"[red]replay failed: {escape(str(exc))}")
         return 2
     _print_summary(res, console)
     if args.fail_on_deny and res.report.totals.decisions.get("deny", 0):
@@ -1409,14 +1506,16 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     console = _console()
     try:
         res = verify_report(args.report, bootstrap_servers=args.bootstrap_servers)
     except (OSError, ValidationError) as exc:
-        console.print(f"[red]cannot read the report {args.report}: {exc}")
+        console.print(f"[red]cannot read the report {escape(args.report)}: {escape(str(exc))}")
         return 2
     for note in res.notes:
-        console.print(f"[yellow]note: {note}")
+        console.print(f"[yellow]note: {escape(note)}")
     if res.ok:
         print(f"OK: {args.report}: inputs, policy and all {res.verdicts_checked} verdicts and their "
               "violations are identical")
@@ -1425,6 +1524,36 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     for p in res.problems:
         print(f"  - {p}")
     return 1
+
+
+def _time_arg(value: str) -> str:
+    try:
+        _parse_time(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO time (2026-11-21T00:00:00Z) or milliseconds since the epoch, got {value!r}") from None
+    return value
+
+
+def _offsets_arg(value: str) -> int | dict[int, int]:
+    try:
+        offsets = parse_offsets(value)
+    except ValueError:
+        offsets = None
+    if offsets is None or any(o < 0 for o in ([offsets] if isinstance(offsets, int) else offsets.values())):
+        raise argparse.ArgumentTypeError(
+            f"expected an offset N for every partition or P:N,P:N per partition, got {value!r}")
+    return offsets
+
+
+def _partitions_arg(value: str) -> list[int]:
+    try:
+        parts = [int(p) for p in value.split(",")]
+    except ValueError:
+        parts = []
+    if not parts or any(p < 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected partition numbers like 0,3, got {value!r}")
+    return parts
 
 
 def register_cli(subparsers: Any) -> None:
@@ -1441,11 +1570,11 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--bootstrap-servers", help="Kafka cluster (default $KAFKA_BOOTSTRAP_SERVERS)")
     p.add_argument("--topic", help="replay this events topic")
     p.add_argument("--prefix", help="replay <prefix>.events")
-    p.add_argument("--from-time", help="ISO time or epoch ms: first record to read")
-    p.add_argument("--to-time", help="ISO time or epoch ms: stop before records from this time")
-    p.add_argument("--from-offset", help="N or P:N,P:N (inclusive)")
-    p.add_argument("--to-offset", help="N or P:N,P:N (exclusive)")
-    p.add_argument("--partitions", help="only these partitions, e.g. 0,3")
+    p.add_argument("--from-time", type=_time_arg, help="ISO time or epoch ms: first record to read")
+    p.add_argument("--to-time", type=_time_arg, help="ISO time or epoch ms: stop before records from this time")
+    p.add_argument("--from-offset", type=_offsets_arg, help="N or P:N,P:N (inclusive)")
+    p.add_argument("--to-offset", type=_offsets_arg, help="N or P:N,P:N (exclusive)")
+    p.add_argument("--partitions", type=_partitions_arg, help="only these partitions, e.g. 0,3")
     p.add_argument("--publish", metavar="PREFIX", help="send verdicts and alerts to PREFIX.verdicts/.alerts")
     p.add_argument("--keep-denied", action="store_true", help="denied batches join the session's past")
     p.add_argument("--verdict-memory", type=int, default=64, help="recent batch ids remembered per session")

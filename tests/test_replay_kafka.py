@@ -158,6 +158,10 @@ def test_live_worker_verdicts_equal_a_replay_of_the_events_topic(kafka_bootstrap
     assert replay_alerts == Counter((a["session_id"], a["batch_id"], a["alert_id"], tuple(a["addresses"]))
                                     for a in alerts)
     assert report.manifest.counts.bad_input == 2
+    # two processes, the topic's partitions dealt out between them: every record still read once
+    sharded = _replay(tmp_path, kafka_bootstrap, t.events, name="sharded.json", shards=2)
+    assert sharded.manifest.counts == report.manifest.counts
+    assert sharded.model_dump(exclude={"manifest"}) == report.model_dump(exclude={"manifest"})
 
     # --publish wrote the same verdicts under its own prefix, nothing to the production topics
     published = consume(kafka_bootstrap, f"{publish}.verdicts", until=expected, timeout=60)

@@ -1,0 +1,210 @@
+"""Replay on awkward input: sessions split over files, text json takes but no report can carry,
+records the worker rejects, verdicts over the violation cap, what verify must notice, and the
+CLI's answers to bad flags and paths. The worker's own Evaluator is the oracle where it decides."""
+
+from __future__ import annotations
+
+import asyncio
+import doctest
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import monitor.models
+import monitor.policy
+import monitor.replay
+import monitor.report
+import monitor.samples
+import monitor.state
+import monitor.worker
+from monitor.config import WorkerSettings
+from monitor.policy import load_policy_set
+from monitor.report import Report
+from monitor.replay import ReplayRequest, run_replay, verify_report
+from monitor.state import SessionStore
+from monitor.worker import LONE_SURROGATE, Evaluator, Rejected, decode_batch
+from test_replay import ROOT, SEND_RULE, batches, call, record, replay, user
+
+
+@pytest.fixture
+def send_policy(tmp_path):
+    p = tmp_path / "send.gr"
+    p.write_text(SEND_RULE)
+    return p
+
+
+def cli(*args: str):
+    return subprocess.run([sys.executable, "-m", "monitor.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_doc_examples_of_replay_and_what_it_builds_on_run():
+    for module in (monitor.replay, monitor.report, monitor.worker, monitor.state, monitor.models,
+                   monitor.policy, monitor.samples):
+        failed, tried = doctest.testmod(module)
+        assert failed == 0 and tried > 0, module.__name__
+
+
+def test_files_sharing_a_name_are_two_sessions_and_a_session_id_goes_on_across_files(tmp_path, send_policy):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "s.json").write_text(json.dumps([user("hello")]))
+    (b / "s.json").write_text(json.dumps([user("send it"), call("send_email")]))
+    report, _ = replay(tmp_path, [a / "s.json", b / "s.json"], send_policy)
+    assert sorted(s.session_id for s in report.sessions) == sorted(["s", (b / "s").as_posix()])
+    assert [x.decision for x in batches(report, (b / "s").as_posix())] == ["allow", "deny"]
+    assert report.manifest.counts.duplicates == 0
+
+    # one session in two files: the keyword in the first, the call in the second
+    (a / "day1.json").write_text(json.dumps({"session_id": "X", "events": [user("send it"), user("ok")]}))
+    (b / "day2.json").write_text(json.dumps({"session_id": "X", "events": [call("send_email")]}))
+    report, _ = replay(tmp_path, [a / "day1.json", b / "day2.json"], send_policy, name="x.json")
+    got = batches(report, "X")
+    assert [(x.batch_id, x.seq, x.decision, x.duplicate) for x in got] == [
+        ("0", 0, "allow", False), ("1", 1, "allow", False), ("2", 2, "deny", False)]
+    assert verify_report(tmp_path / "x.json").ok
+
+
+def test_text_that_json_accepts_but_no_report_can_carry_is_bad_input_and_the_rest_goes_on(tmp_path, send_policy):
+    f = tmp_path / "t.jsonl"
+    lines = [
+        b"\xef\xbb\xbf" + record("bom", "1", [user("send it")]).encode(),  # a BOM: json reads it
+        record("bom", "2", [call("send_email")]).encode(),
+        b'{"session_id": "sur", "batch_id": "1", "events": [{"role": "user", "content": "hi \\ud83d"}]}',
+        record("sur", "2", [user("hello")]).encode(),
+        b'{"session_id": "bad\\ud800", "batch_id": "1", "events": [{"role": "user", "content": "hi"}]}',
+    ]
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    report, _ = replay(tmp_path, [f], send_policy, html=str(tmp_path / "r.html"))
+    assert [(x.batch_id, x.decision) for x in batches(report, "bom")] == [("1", "allow"), ("2", "deny")]
+    # the denied session's evidence is read back from the BOM line
+    assert "send it" in [e.text for e in batches(report, "bom")[1].evidence]
+    assert [(b.line, b.reason) for b in report.bad_input] == [(3, LONE_SURROGATE), (5, LONE_SURROGATE)]
+    # the first has readable ids: the worker's deny; the second's session id is the bad text itself
+    sur = batches(report, "sur")
+    assert [(x.decision, x.reason is not None) for x in sur] == [("deny", True), ("allow", False)]
+    assert "bad" not in "".join(s.session_id for s in report.sessions)
+
+    t = tmp_path / "trace.json"
+    t.write_bytes(b'[{"role": "user", "content": "send \\udc00"}, {"role": "user", "content": "fine"}]')
+    report, _ = replay(tmp_path, [t], send_policy, name="t.json")
+    assert [b.where for b in report.bad_input] == [f"{t}#events[0]"]
+    assert [x.decision for x in batches(report, "trace")] == ["allow"]
+
+
+def test_a_malformed_event_in_a_plain_trace_loses_only_itself(tmp_path, send_policy):
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps([user("please send"), {"type": "weird", "content": "?"}, call("send_email")]))
+    report, _ = replay(tmp_path, [t], send_policy)
+    assert [b.where for b in report.bad_input] == [f"{t}#events[1]"]
+    assert [x.decision for x in batches(report, "t")] == ["allow", "deny"]
+
+
+def test_jsonl_in_a_json_file_says_what_it_probably_is(tmp_path, send_policy):
+    t = tmp_path / "t.json"
+    t.write_text(record("a", "1", [user("x")]) + "\n" + record("a", "2", [user("y")]) + "\n")
+    report, _ = replay(tmp_path, [t], send_policy)
+    [bad] = report.bad_input
+    assert "Extra data" in bad.reason and ".jsonl" in bad.reason
+
+
+def test_records_the_worker_rejects_get_the_worker_s_answers(tmp_path, send_policy):
+    lines = [
+        record("s", "b1", [user("hi")]),
+        json.dumps({"session_id": "s", "batch_id": "b1", "events": "not a list"}),  # a known id, broken
+        json.dumps({"session_id": "s", "batch_id": "b2", "events": "not a list"}),
+        record("s", "b2", [user("please send")]),  # its id has a verdict already: the deny
+        record("s", "b3", [call("send_email")]),  # so the keyword never joined the past
+    ]
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    report, _ = replay(tmp_path, [f], send_policy, engine="incremental")
+    got = [(x.batch_id, x.decision, x.duplicate) for x in batches(report, "s")]
+
+    evaluator = Evaluator(load_policy_set(str(send_policy)), WorkerSettings(policy_path=str(send_policy)))
+    store = SessionStore({})
+
+    async def worker() -> list:
+        out = []
+        for line in lines:
+            try:
+                verdict, new, _ = await evaluator.evaluate(store, decode_batch(b"s", line.encode(), 10**6), None)
+            except Rejected as rej:
+                verdict, new, _ = await evaluator.reject(store, rej, None)
+            out.append((verdict.batch_id, verdict.decision, not new))
+        return out
+
+    assert got == asyncio.run(worker())
+    assert got == [("b1", "allow", False), ("b1", "allow", True), ("b2", "deny", False),
+                   ("b2", "deny", True), ("b3", "allow", False)]
+
+
+def test_violations_past_the_verdict_cap_are_all_in_the_report(tmp_path):
+    policy = tmp_path / "a.gr"
+    policy.write_text('raise "has a" if:\n    (m: Message)\n    "a" in m.content\n')
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps([user(f"a{i}") for i in range(250)]))
+    report, _ = replay(tmp_path, [t], policy, engine="incremental", trace_batch=1000)
+    [b] = batches(report, "t")
+    assert len(b.violations) == 250 > WorkerSettings.model_fields["max_verdict_violations"].default
+    assert len({v.alert_id for v in b.violations}) == 250
+    assert report.totals.rules[0].violations == 250
+
+
+def test_verify_notices_every_doctored_field_and_a_policy_folder_that_grew(tmp_path):
+    policies = tmp_path / "policies"
+    shutil.copytree(ROOT / "examples" / "policies", policies)
+    out = tmp_path / "r.json"
+    run_replay(ReplayRequest(inputs=[str(ROOT / "examples" / "sessions")], policy=str(policies), out=str(out),
+                             progress=False))
+    assert verify_report(out).ok
+    text = out.read_text()
+    for name, old, new, expect in [
+        # (sessions are written one per line, compact; the head is spaced)
+        ("severity", '"severity":"medium"', '"severity":"low"', "violations differ"),
+        ("message", '"message":"Secret in bash command', '"message":"A secret in bash command',
+         "violations differ"),
+        ("totals", '"sessions_denied": 7', '"sessions_denied": 0', "the totals differ: sessions_denied"),
+        ("session", '"denied":3', '"denied":2', "denied differ"),
+    ]:
+        assert old in text, old
+        doctored = tmp_path / f"{name}.json"
+        head, _, tail = text.rpartition(old)  # the last: in a session, after the totals
+        doctored.write_text(head + new + tail)
+        res = verify_report(doctored)
+        assert not res.ok and any(expect in p for p in res.problems), (name, res.problems)
+    (policies / "extra.gr").write_text('raise "x" if:\n    (m: Message)\n    "zzz" in m.content\n')
+    res = verify_report(out)
+    assert not res.ok and any("added" in p and "extra.gr" in p for p in res.problems), res.problems
+
+
+def test_cli_summary_shows_data_as_text_and_bad_flags_and_paths_say_what_is_expected(tmp_path, send_policy):
+    f = tmp_path / "m.jsonl"
+    f.write_text(record("[/oops]", "1", [user("send")]) + "\n" + record("[/oops]", "2", [call("send_email")]) + "\n")
+    other = tmp_path / "o.gr"
+    other.write_text('raise "risky [risk=medium]" if:\n    (t: ToolCall)\n    t is tool:delete_all\n')
+    run = cli("replay", str(f), "--policy", str(send_policy), "--compare", str(other), "-o", str(tmp_path / "r.json"))
+    assert run.returncode == 0, run.stderr
+    assert "1 sessions change verdict" in run.stderr and "[/oops]" in run.stderr, run.stderr
+    other.write_text(other.read_text().replace("delete_all", "send_email"))
+    run = cli("replay", str(f), "--policy", str(other), "-o", str(tmp_path / "r2.json"))
+    assert run.returncode == 0 and "risky [risk=medium]" in run.stderr, run.stderr
+
+    for flag, value, expected in [("--from-offset", "0:1,2", "P:N,P:N"), ("--partitions", "a", "0,3"),
+                                  ("--to-time", "yesterday", "ISO time")]:
+        run = cli("replay", "--prefix", "agent", "--policy", str(send_policy), flag, value)
+        assert run.returncode == 2 and flag in run.stderr and expected in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = cli("replay", str(empty), "--policy", str(send_policy), "-o", str(tmp_path / "e.json"))
+    assert run.returncode == 2 and "no trace files" in run.stderr, run.stderr
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    run = cli("replay", str(f), "--policy", str(send_policy), "-o", str(blocker / "r.json"))
+    assert run.returncode == 2 and f"cannot write {blocker / 'r.json'}" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
