@@ -279,7 +279,7 @@ class FileSource:
         for i, obj in enumerate(doc):
             where = path if single else f"{path}#{i}"
             if isinstance(obj, dict) and "batch_id" in obj:
-                yield self._item(where, path, obj)
+                yield self._item(where, path, obj, record=True)
             elif isinstance(obj, dict) and isinstance(obj.get("events"), list):
                 sid = obj.get("session_id") or (self._session_name(f) + ("" if single else f"#{i}"))
                 yield from self._session(path, where, str(sid), obj["events"], obj)
@@ -291,8 +291,12 @@ class FileSource:
                 yield Item(where, bad=BadInput(where=where, file=path, reason=(
                     "neither an event list, a session object (events or batches) nor an EventBatch")))
 
-    def _item(self, where: str, path: str, fields: dict[str, Any]) -> Item:
-        """An EventBatch made of ``fields``, or the bad input that says why it is none."""
+    def _item(self, where: str, path: str, fields: dict[str, Any], record: bool = False) -> Item:
+        """An EventBatch made of ``fields``, or the bad input that says why it is none.
+
+        ``record``: the fields are an EventBatch as an agent sent it (not one made here from a
+        trace), so a bad one with readable ids is denied, as the worker denies such a record.
+        """
         try:
             if self._check_text and not is_unicode(fields):
                 reason = LONE_SURROGATE
@@ -300,7 +304,12 @@ class FileSource:
                 return Item(where, batch=EventBatch.model_validate(fields))
         except ValidationError as exc:
             reason = _reason(exc)
-        return Item(where, bad=BadInput(where=where, file=path, reason=reason))
+        rejected = None
+        if record:
+            sid, bid = fields.get("session_id"), fields.get("batch_id")
+            if isinstance(sid, str) and sid and is_unicode(sid) and isinstance(bid, str) and bid and is_unicode(bid):
+                rejected = Rejected("invalid", reason, sid, bid)
+        return Item(where, bad=BadInput(where=where, file=path, reason=reason), rejected=rejected)
 
     def _numbered(self, sid: str, count: int) -> range:
         """The numbers of a session's next ``count`` batches (it may go on from an earlier file)."""
@@ -391,7 +400,11 @@ class KafkaSource:
         if tmd is None or tmd.error is not None or not tmd.partitions:
             raise ReplayError(f"topic {self.topic!r} not found on {self.bootstrap_servers}"
                               + (f": {tmd.error}" if tmd is not None and tmd.error else ""))
-        parts = sorted(tmd.partitions) if only is None else sorted(only)
+        parts = sorted(tmd.partitions) if only is None else sorted(set(only))
+        missing = [p for p in parts if p not in tmd.partitions]
+        if missing:
+            raise ReplayError(f"topic {self.topic!r} has no partition {', '.join(map(str, missing))} "
+                              f"(its partitions are 0..{len(tmd.partitions) - 1})")
 
         def at_time(p: int, ms: int, high: int) -> int:
             [tp] = self.consumer.offsets_for_times([TopicPartition(self.topic, p, ms)], timeout=15)
@@ -402,6 +415,9 @@ class KafkaSource:
 
         ranges = []
         for p in parts:
+            # a read_committed consumer's high watermark is the last stable offset: the range
+            # ends before an open transaction, so the replay neither waits for it nor differs
+            # when re-run
             low, high = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=15)
             start = pick(o0, p)
             start = max(low, start) if start is not None else (at_time(p, t0, high) if t0 is not None else low)

@@ -208,3 +208,16 @@ def test_cli_summary_shows_data_as_text_and_bad_flags_and_paths_say_what_is_expe
     run = cli("replay", str(f), "--policy", str(send_policy), "-o", str(blocker / "r.json"))
     assert run.returncode == 2 and f"cannot write {blocker / 'r.json'}" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_bad_eventbatch_in_a_json_file_is_denied_like_a_bad_jsonl_line(tmp_path, send_policy):
+    good = json.loads(record("s", "1", [user("hi")]))
+    bad = {"session_id": "s", "batch_id": "2", "events": "not a list"}
+    anonymous = {"batch_id": "3", "events": []}
+    (tmp_path / "b.json").write_text(json.dumps([good, bad, anonymous]))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(x) for x in (good, bad, anonymous)) + "\n")
+    for name in ("b.json", "b.jsonl"):
+        report, _ = replay(tmp_path, [tmp_path / name], send_policy, name=f"{name}.report")
+        got = [(x.batch_id, x.decision, (x.reason or "").split(":")[0]) for x in batches(report, "s")]
+        assert got == [("1", "allow", ""), ("2", "deny", "rejected record (invalid)")], name
+        assert len(report.bad_input) == 2, name

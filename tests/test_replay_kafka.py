@@ -9,10 +9,11 @@ import time
 import uuid
 from collections import Counter
 
+import pytest
 from confluent_kafka import Producer
 
 from monitor.models import EventBatch
-from monitor.replay import ReplayRequest, run_replay, verify_report
+from monitor.replay import ReplayError, ReplayRequest, run_replay, verify_report
 from monitor.report import Report
 from monitor.topics import create_topics
 from workers import WorkerProcess, batch, consume, produce_batches, topics
@@ -112,6 +113,30 @@ def test_topic_replay_reads_committed_records_in_range_and_lists_bad_ones(kafka_
     first = _replay(tmp_path, kafka_bootstrap, t.events, name="offsets.json", partitions=[int(part)],
                     to_offsets={int(part): p0[int(part)].start + 1})
     assert [(s.session_id, [b.batch_id for b in s.batches]) for s in first.sessions] == [("s1", ["b1"])]
+
+
+def test_an_open_transaction_ends_the_range_and_a_missing_partition_is_named(kafka_bootstrap, topic_prefix,
+                                                                             tmp_path):
+    t = topics(topic_prefix)
+    create_topics(kafka_bootstrap, topic_prefix, partitions_override=1)
+    produce_batches(kafka_bootstrap, t.events, [batch("s1", [USER_SEND], "b1", seq=0)])
+    tx = _transactional(kafka_bootstrap)
+    tx.begin_transaction()
+    tx.produce(t.events, key=b"s1", value=batch("s1", [SEND_EMAIL], "b2", seq=1).model_dump_json().encode())
+    tx.flush(30)
+    produce_batches(kafka_bootstrap, t.events, [batch("s1", [USER_HI], "b3", seq=2)])  # behind the open one
+    # read_committed delivers nothing past the open transaction: the range ends before it, rather
+    # than waiting for records that cannot come yet
+    first = _replay(tmp_path, kafka_bootstrap, t.events)
+    assert [b.batch_id for s in first.sessions for b in s.batches] == ["b1"]
+    assert [(r.start, r.end, r.records) for r in first.manifest.inputs.kafka.partitions] == [(0, 1, 1)]
+    tx.commit_transaction(30)
+    again = _replay(tmp_path, kafka_bootstrap, t.events, name="again.json")
+    assert [(b.batch_id, b.decision) for s in again.sessions for b in s.batches] == [
+        ("b1", "allow"), ("b2", "deny"), ("b3", "allow")]
+    assert verify_report(tmp_path / "report.json").ok  # its range is still its range
+    with pytest.raises(ReplayError, match="has no partition 5"):
+        _replay(tmp_path, kafka_bootstrap, t.events, name="none.json", partitions=[0, 5])
 
 
 def test_live_worker_verdicts_equal_a_replay_of_the_events_topic(kafka_bootstrap, topic_prefix, tmp_path):
