@@ -118,8 +118,9 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
             data = exc
     sid = data.get("session_id") if isinstance(data, dict) else None
     bid = data.get("batch_id") if isinstance(data, dict) else None
-    sid = sid if isinstance(sid, str) and sid and is_unicode(sid) else key_text
-    bid = bid if isinstance(bid, str) and bid and is_unicode(bid) else None
+    # (ids from_json read are Unicode already: only json's may hold a lone surrogate)
+    sid = sid if isinstance(sid, str) and sid and (unicode_ok or is_unicode(sid)) else key_text
+    bid = bid if isinstance(bid, str) and bid and (unicode_ok or is_unicode(bid)) else None
     if len(value) > max_bytes:
         # still read its ids (Kafka bounded its size) so the waiting agent gets a deny
         raise Rejected("too_large", f"the record is {len(value)} bytes, over the limit of {max_bytes}",
