@@ -57,11 +57,11 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import ValidationError
 
@@ -115,6 +115,9 @@ class Item:
     ref: SourceRef | None = None
     rejected: Any = None  # monitor.worker.Rejected: the worker still denies it if it has ids
     route: str | None = None  # the session id used to pick the shard, when read before decoding
+    # a rejected record's deny is remembered in its session's state (as the worker does when the
+    # record's key is its session id: the state lives on that key's partition), else only sent
+    remember: bool = True
 
 
 def _reason(exc: ValidationError) -> str:
@@ -129,12 +132,17 @@ def _reason(exc: ValidationError) -> str:
 def discover_files(paths: list[str]) -> list[Path]:
     """The trace files of ``paths``: files as given, folders searched recursively in name order."""
     out: list[Path] = []
+    seen: set[Path] = set()
     for p in map(Path, paths):
         if p.is_dir():
             found = [f for f in p.rglob("*") if f.is_file() and f.suffix in TRACE_SUFFIXES + JSONL_SUFFIXES]
-            out.extend(sorted(found, key=lambda f: f.relative_to(p).as_posix()))
+            found.sort(key=lambda f: f.relative_to(p).as_posix())
         else:
-            out.append(p)  # a missing file is reported as bad input, not a crash
+            found = [p]  # a missing file is reported as bad input, not a crash
+        for f in found:  # a file named twice (a folder and a file in it) is read once
+            if f.absolute() not in seen:
+                seen.add(f.absolute())
+                out.append(f)
     return out
 
 
@@ -210,11 +218,13 @@ class FileSource:
                     break
                 except ValueError:
                     continue
-        # two files given by their paths may share a stem (a/s.json, b/s.json): not one session
-        if self._named.setdefault(name, f) != f:
-            name = f.with_suffix("").as_posix()
-            self._named.setdefault(name, f)
-        return name
+        # two files may share a name (a/s.json and b/s.json given by path): not one session
+        path = f.with_suffix("").as_posix()
+        cand, k = name, 1
+        while self._named.setdefault(cand, f) != f:
+            k += 1
+            cand = path if k == 2 else f"{path}#{k - 1}"
+        return cand
 
     def __iter__(self) -> Iterator[Item]:
         for f in self.files:
@@ -264,7 +274,8 @@ class FileSource:
                     if isinstance(exc, json.JSONDecodeError) and exc.msg == "Extra data" else "")
             yield Item(where, bad=BadInput(where=where, file=path, line=line, reason=f"not JSON: {exc}{hint}"))
             return
-        self._check_text = _SURROGATE_ESCAPE.search(data) is not None
+        self._check_text = (json.detect_encoding(data) not in ("utf-8", "utf-8-sig")
+                            or _SURROGATE_ESCAPE.search(data) is not None)
         if isinstance(doc, dict):
             doc = [doc]
             single = True
@@ -279,7 +290,7 @@ class FileSource:
         for i, obj in enumerate(doc):
             where = path if single else f"{path}#{i}"
             if isinstance(obj, dict) and "batch_id" in obj:
-                yield self._item(where, path, obj, record=True)
+                yield self._record(where, path, obj)
             elif isinstance(obj, dict) and isinstance(obj.get("events"), list):
                 sid = obj.get("session_id") or (self._session_name(f) + ("" if single else f"#{i}"))
                 yield from self._session(path, where, str(sid), obj["events"], obj)
@@ -291,12 +302,9 @@ class FileSource:
                 yield Item(where, bad=BadInput(where=where, file=path, reason=(
                     "neither an event list, a session object (events or batches) nor an EventBatch")))
 
-    def _item(self, where: str, path: str, fields: dict[str, Any], record: bool = False) -> Item:
-        """An EventBatch made of ``fields``, or the bad input that says why it is none.
-
-        ``record``: the fields are an EventBatch as an agent sent it (not one made here from a
-        trace), so a bad one with readable ids is denied, as the worker denies such a record.
-        """
+    def _item(self, where: str, path: str, fields: dict[str, Any]) -> Item:
+        """An EventBatch made here of ``fields`` (from a trace), or the bad input that says why
+        it is none."""
         try:
             if self._check_text and not is_unicode(fields):
                 reason = LONE_SURROGATE
@@ -304,12 +312,19 @@ class FileSource:
                 return Item(where, batch=EventBatch.model_validate(fields))
         except ValidationError as exc:
             reason = _reason(exc)
-        rejected = None
-        if record:
-            sid, bid = fields.get("session_id"), fields.get("batch_id")
-            if isinstance(sid, str) and sid and is_unicode(sid) and isinstance(bid, str) and bid and is_unicode(bid):
-                rejected = Rejected("invalid", reason, sid, bid)
-        return Item(where, bad=BadInput(where=where, file=path, reason=reason), rejected=rejected)
+        return Item(where, bad=BadInput(where=where, file=path, reason=reason))
+
+    def _record(self, where: str, path: str, obj: dict[str, Any]) -> Item:
+        """An EventBatch in a .json file, taken exactly as the same record in JSONL or on the
+        topic: the worker's decoding (size limit, reasons, a deny when its ids can be read)."""
+        try:
+            raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+        except UnicodeEncodeError:  # a lone surrogate: escaped, decoding refuses it with its reason
+            raw = json.dumps(obj, separators=(",", ":")).encode()
+        try:
+            return Item(where, batch=decode_batch(None, raw, self.max_record_bytes, keyed=False))
+        except Rejected as rej:
+            return Item(where, bad=BadInput(where=where, file=path, reason=rej.reason), rejected=rej)
 
     def _numbered(self, sid: str, count: int) -> range:
         """The numbers of a session's next ``count`` batches (it may go on from an earlier file)."""
@@ -329,10 +344,26 @@ class FileSource:
         step = self.trace_batch
         starts = range(0, len(events), step)
         for i, n in zip(starts, self._numbered(sid, len(starts))):
-            yield self._item(f"{where}#events[{i}]", path, {
-                "session_id": sid, "batch_id": str(n), "seq": n, "events": events[i:i + step],
-                "policy": obj.get("policy"), "metadata": obj.get("metadata") or {},
-            })
+            fields = {"session_id": sid, "batch_id": str(n), "seq": n, "events": events[i:i + step],
+                      "policy": obj.get("policy"), "metadata": obj.get("metadata") or {}}
+            item = self._item(f"{where}#events[{i}]", path, fields)
+            if item.batch is not None or step == 1:
+                yield item
+                continue
+            # a malformed event is reported on its own, and its batch goes on without it
+            good, bad = [], []
+            for j, event in enumerate(fields["events"]):
+                one = self._item(f"{where}#events[{i + j}]", path, {**fields, "events": [event]})
+                if one.batch is not None:
+                    good.append(event)
+                else:
+                    bad.append(one)
+            if not bad:  # not an event's fault (the session's metadata, say)
+                yield item
+                continue
+            yield from bad
+            if good:
+                yield self._item(f"{where}#events[{i}]", path, {**fields, "events": good})
 
 
 def _parse_time(value: str | None) -> int | None:
@@ -474,11 +505,14 @@ class KafkaSource:
         where = f"{self.topic}/{p}@{off}"
         ref = SourceRef(topic=self.topic, partition=p, offset=off)
 
+        key = msg.key()
         try:  # exactly the worker's decoding: the same records are refused for the same reasons
-            return Item(where, batch=decode_batch(msg.key(), value, self.max_record_bytes), raw=value, ref=ref)
+            return Item(where, batch=decode_batch(key, value, self.max_record_bytes), raw=value, ref=ref)
         except Rejected as rej:
+            key_text = key.decode("utf-8", "replace") if key else None
             return Item(where, bad=BadInput(where=where, topic=self.topic, partition=p, offset=off,
-                                            reason=rej.reason), ref=ref, rejected=rej)
+                                            reason=rej.reason), ref=ref, rejected=rej,
+                        remember=key_text == rej.session_id)
 
 
 # ============================================================================ evaluation
@@ -492,6 +526,8 @@ class ReplayError(RuntimeError):
 class Outcome:
     result: BatchResult
     joined: bool
+    # violations a repeated verdict does not list: it is the stored one, capped as on the wire
+    unlisted: int = 0
 
 
 class _VerdictSpill:
@@ -569,9 +605,15 @@ class Evaluator:
         verdict, new, omitted = await self.worker.evaluate(self.store, batch, ref)
         return self._outcome(verdict, new, omitted, source, batch.seq, len(batch.events))
 
-    async def reject(self, rejected: Rejected, source: str, ref: SourceRef | None = None) -> Outcome:
+    async def reject(self, rejected: Rejected, source: str, ref: SourceRef | None = None,
+                     remember: bool = True) -> Outcome:
         """The worker's answer to a record it rejects but can address (session and batch ids
-        readable): a deny it remembers, or the verdict that batch id already has."""
+        readable): a deny it remembers, or the verdict that batch id already has; with
+        ``remember=False`` (a record not keyed by its session id) a deny it only sends."""
+        if not remember:
+            verdict = Verdict(session_id=rejected.session_id, batch_id=rejected.batch_id, decision="deny",
+                              source=ref, reason=f"rejected record ({rejected.kind}): {rejected.reason}")
+            return self._outcome(verdict, True, (), source, None, 0)
         verdict, new, omitted = await self.worker.reject(self.store, rejected, ref)
         return self._outcome(verdict, new, omitted, source, verdict.seq, 0)
 
@@ -592,7 +634,7 @@ class Evaluator:
             # an audit lists every violation: the verdict's, and those past its cap that the
             # worker sends as alerts only
             violations=verdict.violations + list(omitted) if omitted else verdict.violations, evidence=[])
-        return Outcome(res, joined=joined)
+        return Outcome(res, joined=joined, unlisted=0 if new else verdict.violations_omitted)
 
     def close(self) -> None:
         self.worker.close()
@@ -820,9 +862,10 @@ class _Publisher:
         self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                                   "partitioner": "murmur2_random"})
 
-    def send(self, session_id: str, res: BatchResult, ref: SourceRef | None) -> None:
+    def send(self, session_id: str, res: BatchResult, ref: SourceRef | None, unlisted: int = 0) -> None:
         v = Verdict(session_id=session_id, batch_id=res.batch_id, seq=res.seq, decision=res.decision,
-                    violations=res.violations[:self.cap], violations_omitted=max(0, len(res.violations) - self.cap),
+                    violations=res.violations[:self.cap],
+                    violations_omitted=max(0, len(res.violations) - self.cap) + unlisted,
                     reason=res.reason, policy_id=res.policy_id,
                     policy_sha256=res.policy_sha256, engine=self.engine if res.policy_sha256 else None,
                     source=ref)
@@ -910,7 +953,8 @@ def shard_of(session_id: str | None, shards: int) -> int:
     """Which shard evaluates a session: stable across processes and runs (crc32, not hash())."""
     if shards <= 1 or not session_id:
         return 0
-    return zlib.crc32(session_id.encode()) % shards
+    # surrogatepass: an id json read with a lone surrogate still has a shard (its record is refused there)
+    return zlib.crc32(session_id.encode("utf-8", "surrogatepass")) % shards
 
 
 def _kafka_source(req: ReplayRequest) -> KafkaSource:
@@ -980,7 +1024,7 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
             if agg is None:
                 agg = sessions[sid] = _SessionAgg()
             if batch is None:  # the worker denies a rejected record it can address
-                out = await main.reject(rej, item.where, item.ref)
+                out = await main.reject(rej, item.where, item.ref, item.remember)
                 raw = b""
             else:
                 out = await main.evaluate(batch, item.where, item.ref)
@@ -1010,7 +1054,7 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
                     r[3].add(sid)
             if alt is not None:
                 o = (await (alt.evaluate(batch, item.where, item.ref) if batch is not None
-                            else alt.reject(rej, item.where, item.ref))).result
+                            else alt.reject(rej, item.where, item.ref, item.remember))).result
                 other_decisions[o.decision] += 1
                 if o.decision == "deny":
                     agg.other_denied += 1
@@ -1022,7 +1066,7 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
                         other_violations=[violation_line(v) for v in o.violations],
                         reason=res.reason, other_reason=o.reason))
             if publisher is not None:
-                publisher.send(sid, res, item.ref)
+                publisher.send(sid, res, item.ref, out.unlisted)
             agg.ord += 1
             if report is not None and batches % 256 == 0:
                 now = time.monotonic()
@@ -1243,21 +1287,12 @@ def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
                     session_id=sid, decision="allow", batches_total=len(rows), events=a.events,
                     denied=a.denied, violations=a.violations), [r[2] for r in rows])
 
-    tmp = req.out + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            write_report(fh, head, session_results())
-        os.replace(tmp, req.out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _write_atomically(req.out, lambda fh: write_report(fh, head, session_results()))
     for st in stores:
         st.close()
     html_path = None
     if req.html:
-        Path(req.html).parent.mkdir(parents=True, exist_ok=True)
-        Path(req.html).write_text(render_html(Report.load(req.out)), encoding="utf-8")
+        _write_atomically(req.html, lambda fh: fh.write(render_html(Report.load(req.out))))
         html_path = req.html
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return ReplayResult(report=head, out=req.out, html=html_path, seconds=time.monotonic() - t0,
@@ -1265,7 +1300,23 @@ def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
                         peak_rss_mib=own + sum(s.peak_rss_mib for s in summaries))
 
 
+def _write_atomically(path: str, write: Callable[[IO[str]], Any]) -> None:
+    """``write`` to a temporary file beside ``path``, then put it in place: a reader never sees
+    half a report, and a failure leaves no temporary file behind."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _check_writable(path: str) -> None:
+    if Path(path).is_dir():
+        raise ReplayError(f"cannot write {path}: it is a directory")
     probe = Path(path + ".tmp")
     try:
         probe.parent.mkdir(parents=True, exist_ok=True)
@@ -1414,7 +1465,7 @@ def verify_report(path: str | Path, *, bootstrap_servers: str | None = None, wor
         x, y = getattr(m.counts, name), getattr(again.manifest.counts, name)
         if x != y:
             problems.append(f"{name}: {y} now, {x} in the report")
-    if [b.where for b in again.bad_input] != [b.where for b in report.bad_input]:
+    if [(b.where, b.reason) for b in again.bad_input] != [(b.where, b.reason) for b in report.bad_input]:
         problems.append("the bad input listed differs")
     # a policy folder is what it holds now: a file added to it changes the policy
     for what, mine, now in (("policy", m.policy, again.manifest.policy),
@@ -1556,9 +1607,12 @@ def _offsets_arg(value: str) -> int | dict[int, int]:
         offsets = parse_offsets(value)
     except ValueError:
         offsets = None
-    if offsets is None or any(o < 0 for o in ([offsets] if isinstance(offsets, int) else offsets.values())):
+    pairs = [(0, offsets)] if isinstance(offsets, int) else list((offsets or {}).items())
+    given = value.count(",") + 1 if isinstance(offsets, dict) else 1
+    if offsets is None or any(p < 0 or o < 0 for p, o in pairs) or len(pairs) != given:
         raise argparse.ArgumentTypeError(
-            f"expected an offset N for every partition or P:N,P:N per partition, got {value!r}")
+            f"expected an offset N for every partition or P:N,P:N per partition (each partition once), "
+            f"got {value!r}")
     return offsets
 
 

@@ -48,7 +48,8 @@ def test_doc_examples_of_replay_and_what_it_builds_on_run():
         assert failed == 0 and tried > 0, module.__name__
 
 
-def test_files_sharing_a_name_are_two_sessions_and_a_session_id_goes_on_across_files(tmp_path, send_policy):
+def test_files_sharing_a_name_are_two_sessions_and_a_session_id_goes_on_across_files(tmp_path, send_policy,
+                                                                                       monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -58,6 +59,14 @@ def test_files_sharing_a_name_are_two_sessions_and_a_session_id_goes_on_across_f
     assert sorted(s.session_id for s in report.sessions) == sorted(["s", (b / "s").as_posix()])
     assert [x.decision for x in batches(report, (b / "s").as_posix())] == ["allow", "deny"]
     assert report.manifest.counts.duplicates == 0
+    # a/s.json takes "s", c/b/s.json inside folder c takes "b/s", so b/s.json gets neither; and a
+    # file named twice (through its folder and by itself) is read once
+    (tmp_path / "c" / "b").mkdir(parents=True)
+    (tmp_path / "c" / "b" / "s.json").write_text(json.dumps([user("hi")]))
+    monkeypatch.chdir(tmp_path)
+    report, _ = replay(tmp_path, ["a/s.json", "c", "b/s.json", "c/b/s.json"], send_policy, name="n.json")
+    assert [(s.session_id, len(s.batches)) for s in report.sessions] == [("b/s", 1), ("b/s#2", 2), ("s", 1)]
+    assert [f.path for f in report.manifest.inputs.files] == ["a/s.json", "c/b/s.json", "b/s.json"]
 
     # one session in two files: the keyword in the first, the call in the second
     (a / "day1.json").write_text(json.dumps({"session_id": "X", "events": [user("send it"), user("ok")]}))
@@ -221,3 +230,64 @@ def test_a_bad_eventbatch_in_a_json_file_is_denied_like_a_bad_jsonl_line(tmp_pat
         got = [(x.batch_id, x.decision, (x.reason or "").split(":")[0]) for x in batches(report, "s")]
         assert got == [("1", "allow", ""), ("2", "deny", "rejected record (invalid)")], name
         assert len(report.bad_input) == 2, name
+
+
+def test_surrogates_are_refused_in_sharded_jsonl_and_in_utf16_json(tmp_path, send_policy):
+    f = tmp_path / "a.jsonl"
+    f.write_bytes(b'{"session_id": "s\\ud800", "batch_id": "1", "events": [{"role": "user", "content": "hi"}]}\n'
+                  + record("ok", "1", [user("hi")]).encode() + b"\n")
+    for shards in (1, 2):
+        report, _ = replay(tmp_path, [f], send_policy, name=f"r{shards}.json", shards=shards)
+        assert [b.reason for b in report.bad_input] == [LONE_SURROGATE], shards
+        assert [s.session_id for s in report.sessions] == ["ok"]
+    t = tmp_path / "u.json"
+    t.write_bytes('[{"role": "user", "content": "send \\ud800 it"}, {"role": "user", "content": "hi"}]'
+                  .encode("utf-16"))
+    report, _ = replay(tmp_path, [t], send_policy, name="u.json")
+    assert [(b.where, b.reason) for b in report.bad_input] == [(f"{t}#events[0]", LONE_SURROGATE)]
+    assert [x.decision for x in batches(report, "u")] == ["allow"]
+
+
+def test_a_malformed_event_leaves_the_rest_of_its_batch(tmp_path, send_policy):
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps([user("please send"), {"role": "user", "content": 5}, call("send_email"), user("x")]))
+    report, _ = replay(tmp_path, [t], send_policy, trace_batch=3)
+    assert [b.where for b in report.bad_input] == [f"{t}#events[1]"]
+    assert [(x.batch_id, x.events, x.decision) for x in batches(report, "t")] == [("0", 2, "deny"), ("1", 1, "allow")]
+
+
+def test_an_eventbatch_in_a_json_file_is_decoded_as_the_same_jsonl_line(tmp_path, send_policy):
+    big = json.loads(record("s", "1", [user("x" * 3000)]))
+    broken = {"session_id": "s", "batch_id": "2", "seq": "x", "events": [{"role": "user", "content": 1}] * 4}
+    (tmp_path / "b.json").write_text(json.dumps([big, broken]))
+    (tmp_path / "b.jsonl").write_text(json.dumps(big) + "\n" + json.dumps(broken) + "\n")
+    reasons = {}
+    for name in ("b.json", "b.jsonl"):
+        report, _ = replay(tmp_path, [tmp_path / name], send_policy, name=f"{name}.report", max_record_bytes=2000)
+        reasons[name] = [b.reason.split(" bytes")[0].rsplit(" ", 1)[0] for b in report.bad_input]
+        assert [x.decision for x in batches(report, "s")] == ["deny", "deny"], name
+    assert reasons["b.json"] == reasons["b.jsonl"] and reasons["b.json"][0] == "the record is"
+
+
+def test_verify_notices_a_changed_bad_input_reason(tmp_path, send_policy):
+    f = tmp_path / "t.jsonl"
+    f.write_text(record("s", "1", [user("hi")]) + "\n{broken\n")
+    replay(tmp_path, [f], send_policy)
+    out = tmp_path / "report.json"
+    report = Report.load(out)
+    doctored = tmp_path / "doctored.json"
+    doctored.write_text(out.read_text().replace(report.bad_input[0].reason, "something else"))
+    res = verify_report(doctored)
+    assert not res.ok and res.problems == ["the bad input listed differs"]
+
+
+def test_a_report_path_that_is_a_folder_and_repeated_offsets_are_refused(tmp_path, send_policy):
+    f = tmp_path / "t.jsonl"
+    f.write_text(record("s", "1", [user("hi")]) + "\n")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(monitor.replay.ReplayError, match="is a directory"):
+        run_replay(ReplayRequest(inputs=[str(f)], policy=str(send_policy), out=str(tmp_path / "out"),
+                                 progress=False))
+    for value in ("0:1,0:2", "-1:5"):
+        run = cli("replay", "--prefix", "agent", "--policy", str(send_policy), f"--from-offset={value}")
+        assert run.returncode == 2 and "each partition once" in run.stderr, run.stderr

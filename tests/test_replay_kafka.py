@@ -193,3 +193,36 @@ def test_live_worker_verdicts_equal_a_replay_of_the_events_topic(kafka_bootstrap
     assert Counter(key(v["session_id"], v["batch_id"], v["decision"], v["violations"]) for v in published) \
         == Counter(replayed)
     assert len(consume(kafka_bootstrap, t.verdicts, timeout=10, idle=3)) == expected
+
+
+def test_rejected_records_and_capped_verdicts_replay_and_publish_as_the_worker_gave_them(
+        kafka_bootstrap, topic_prefix, tmp_path):
+    t = topics(topic_prefix)
+    policy = tmp_path / "a.gr"
+    policy.write_text('raise "has a" if:\n    (m: Message)\n    "a" in m.content\n')
+    many = batch("s", [{"role": "user", "content": f"a{i}"} for i in range(205)], "many", seq=2)
+    records = [
+        # keyed by another id: the worker sends a deny but cannot remember it (other partition's state)
+        ("k", json.dumps({"session_id": "s", "batch_id": "b1", "events": "not a list"}).encode()),
+        batch("s", [{"role": "user", "content": "hi"}], "b1", seq=1),  # evaluated, not taken for a redelivery
+        many, many,  # 205 violations: the verdict lists 200, then its redelivery repeats it
+    ]
+    with WorkerProcess(kafka_bootstrap, topic_prefix, policy, partitions=1):
+        produce_batches(kafka_bootstrap, t.events, records)
+        live = consume(kafka_bootstrap, t.verdicts, until=4, timeout=120)
+    assert [(v["batch_id"], v["decision"], len(v["violations"]), v["violations_omitted"]) for v in live] == [
+        ("b1", "deny", 0, 0), ("b1", "allow", 0, 0), ("many", "deny", 200, 5), ("many", "deny", 200, 5)]
+
+    publish = f"{topic_prefix}-replay"
+    out = tmp_path / "r.json"
+    run_replay(ReplayRequest(policy=str(policy), bootstrap_servers=kafka_bootstrap, topic=t.events, out=str(out),
+                             progress=False, publish_prefix=publish))
+    report = Report.load(out)
+    [s] = report.sessions
+    assert [(b.batch_id, b.decision, b.duplicate, len(b.violations)) for b in s.batches] == [
+        ("b1", "deny", False, 0), ("b1", "allow", False, 0), ("many", "deny", False, 205), ("many", "deny", True, 200)]
+    published = consume(kafka_bootstrap, f"{publish}.verdicts", until=4, timeout=60)
+    assert [(v["batch_id"], v["decision"], len(v["violations"]), v["violations_omitted"]) for v in published] == \
+        [(v["batch_id"], v["decision"], len(v["violations"]), v["violations_omitted"]) for v in live]
+    alerts = consume(kafka_bootstrap, f"{publish}.alerts", until=405, timeout=60, idle=3)
+    assert len(alerts) == 405 and len({a["alert_id"] for a in alerts}) == 205
