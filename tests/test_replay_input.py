@@ -291,3 +291,16 @@ def test_a_report_path_that_is_a_folder_and_repeated_offsets_are_refused(tmp_pat
     for value in ("0:1,0:2", "-1:5"):
         run = cli("replay", "--prefix", "agent", "--policy", str(send_policy), f"--from-offset={value}")
         assert run.returncode == 2 and "each partition once" in run.stderr, run.stderr
+
+
+def test_the_worker_refuses_a_lone_surrogate_with_its_ids_and_takes_a_bom():
+    value = b'{"session_id": "s", "batch_id": "b", "events": [{"role": "user", "content": "hi \\ud800"}]}'
+    with pytest.raises(Rejected) as err:
+        decode_batch(b"s", value, 10**6)
+    assert (err.value.kind, err.value.reason, err.value.session_id, err.value.batch_id) == (
+        "invalid", LONE_SURROGATE, "s", "b")
+    ok = decode_batch(b"s", b"\xef\xbb\xbf" + value.replace(b" \\ud800", b""), 10**6)
+    assert ok.trace() == [{"role": "user", "content": "hi"}]
+    # a pair is one character, not a lone surrogate
+    pair = decode_batch(b"s", value.replace(b"\\ud800", b"\\ud83d\\ude00"), 10**6)
+    assert pair.trace()[0]["content"] == "hi \U0001f600"
