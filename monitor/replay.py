@@ -95,7 +95,7 @@ from monitor.report import (
     write_report,
 )
 from monitor.state import SessionStore
-from monitor.worker import LONE_SURROGATE, Rejected, decode_batch, is_unicode
+from monitor.worker import LONE_SURROGATE, TOO_DEEP, Rejected, decode_batch, is_unicode
 
 TRACE_SUFFIXES = (".json",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -129,19 +129,35 @@ def _reason(exc: ValidationError) -> str:
     return "not a valid EventBatch: " + "; ".join(parts) + more
 
 
+_REPORT_HEAD = b'{"schema": "agent-monitor/replay-report/'
+
+
+def _is_report(f: Path) -> bool:
+    """A replay report (one written into an input folder is no trace, now or when verified)."""
+    if f.suffix != ".json":
+        return False
+    try:
+        with f.open("rb") as fh:
+            return fh.read(len(_REPORT_HEAD)) == _REPORT_HEAD
+    except OSError:
+        return False
+
+
 def discover_files(paths: list[str]) -> list[Path]:
     """The trace files of ``paths``: files as given, folders searched recursively in name order."""
     out: list[Path] = []
     seen: set[Path] = set()
     for p in map(Path, paths):
         if p.is_dir():
-            found = [f for f in p.rglob("*") if f.is_file() and f.suffix in TRACE_SUFFIXES + JSONL_SUFFIXES]
+            found = [f for f in p.rglob("*") if f.is_file() and f.suffix in TRACE_SUFFIXES + JSONL_SUFFIXES
+                     and not _is_report(f)]
             found.sort(key=lambda f: f.relative_to(p).as_posix())
         else:
             found = [p]  # a missing file is reported as bad input, not a crash
         for f in found:  # a file named twice (a folder and a file in it) is read once
-            if f.absolute() not in seen:
-                seen.add(f.absolute())
+            real = f.resolve()  # however it is spelled (x/../f, a link to its folder)
+            if real not in seen:
+                seen.add(real)
                 out.append(f)
     return out
 
@@ -184,7 +200,8 @@ def _is_event_list(doc: list[Any]) -> bool:
     return any(_is_event(e) for e in doc) and not any(_is_container(e) for e in doc)
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# a lone surrogate as json.loads reads it: a \\udXXX escape, or its UTF-8-style bytes (surrogatepass)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 class FileSource:
@@ -229,6 +246,10 @@ class FileSource:
     def __iter__(self) -> Iterator[Item]:
         for f in self.files:
             path = str(f)
+            if not is_unicode(path):  # a name no report can hold: say which, readably
+                shown = os.fsencode(f).decode("utf-8", "backslashreplace")
+                yield Item(shown, bad=BadInput(where=shown, file=shown, reason="the file name is not UTF-8: rename it"))
+                continue
             try:
                 if f.suffix in JSONL_SUFFIXES:
                     yield from self._jsonl(f, path)
@@ -267,6 +288,9 @@ class FileSource:
         self.done += len(data)
         try:
             doc = json.loads(data)
+        except RecursionError:
+            yield Item(path, bad=BadInput(where=path, file=path, reason=f"not JSON we can read: {TOO_DEEP}"))
+            return
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             line = getattr(exc, "lineno", None)
             where = f"{path}:{line}" if line else path
@@ -318,9 +342,12 @@ class FileSource:
         """An EventBatch in a .json file, taken exactly as the same record in JSONL or on the
         topic: the worker's decoding (size limit, reasons, a deny when its ids can be read)."""
         try:
-            raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-        except UnicodeEncodeError:  # a lone surrogate: escaped, decoding refuses it with its reason
-            raw = json.dumps(obj, separators=(",", ":")).encode()
+            try:
+                raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+            except UnicodeEncodeError:  # a lone surrogate: escaped, decoding refuses it with its reason
+                raw = json.dumps(obj, separators=(",", ":")).encode()
+        except RecursionError:
+            return Item(where, bad=BadInput(where=where, file=path, reason=f"not a valid EventBatch: {TOO_DEEP}"))
         try:
             return Item(where, batch=decode_batch(None, raw, self.max_record_bytes, keyed=False))
         except Rejected as rej:
@@ -401,8 +428,11 @@ class KafkaSource:
     def __init__(self, bootstrap_servers: str, topic: str, *, from_time: str | None = None,
                  to_time: str | None = None, from_offsets: int | dict[int, int] | None = None,
                  to_offsets: int | dict[int, int] | None = None, partitions: list[int] | None = None,
-                 max_record_bytes: int = 1_000_000, idle_timeout: float = 30.0) -> None:
+                 max_record_bytes: int = 1_000_000, idle_timeout: float = 30.0,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         from confluent_kafka import Consumer
+
+        self.shard, self.shards = shard
 
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
         self.from_time, self.to_time = from_time, to_time
@@ -494,7 +524,16 @@ class KafkaSource:
                     continue
                 r.records += 1
                 self.done = sum(x.records for x in self.ranges)
-                yield self._item(msg)
+                if self.shards > 1:
+                    # a session's shard by the session id the record names (a record keyed by
+                    # another id sits on another partition, but its deny is the session's)
+                    value, key = msg.value(), msg.key()
+                    route = (line_session_id(value) if value else None) or (
+                        key.decode("utf-8", "replace") if key else None)
+                    if shard_of(route, self.shards) == self.shard:
+                        yield replace(self._item(msg), route=route)
+                else:
+                    yield self._item(msg)
                 if off + 1 >= r.end:
                     del todo[p]
         finally:
@@ -526,8 +565,8 @@ class ReplayError(RuntimeError):
 class Outcome:
     result: BatchResult
     joined: bool
-    # violations a repeated verdict does not list: it is the stored one, capped as on the wire
-    unlisted: int = 0
+    verdict: Verdict  # as the worker would publish it (a repeat: the stored verdict)
+    omitted: tuple = ()  # violations past the verdict's cap: alerts only
 
 
 class _VerdictSpill:
@@ -634,7 +673,7 @@ class Evaluator:
             # an audit lists every violation: the verdict's, and those past its cap that the
             # worker sends as alerts only
             violations=verdict.violations + list(omitted) if omitted else verdict.violations, evidence=[])
-        return Outcome(res, joined=joined, unlisted=0 if new else verdict.violations_omitted)
+        return Outcome(res, joined=joined, verdict=verdict, omitted=omitted)
 
     def close(self) -> None:
         self.worker.close()
@@ -845,14 +884,12 @@ def _policy_ref(path: str, ps: PolicySet) -> PolicyRef:
 class _Publisher:
     """Verdicts and alerts of a replay to ``<prefix>.verdicts`` / ``<prefix>.alerts``."""
 
-    def __init__(self, bootstrap: str, prefix: str, engine: str, max_violations: int) -> None:
+    def __init__(self, bootstrap: str, prefix: str) -> None:
         from confluent_kafka import Producer
 
         from monitor.config import TopicNames
 
         self.topics = TopicNames.for_prefix(prefix)
-        self.engine = engine
-        self.cap = max_violations  # per verdict, as the worker's --max-verdict-violations
         try:  # a cluster may not auto-create topics; provisioning is idempotent
             from monitor.topics import create_topics
 
@@ -862,17 +899,13 @@ class _Publisher:
         self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                                   "partitioner": "murmur2_random"})
 
-    def send(self, session_id: str, res: BatchResult, ref: SourceRef | None, unlisted: int = 0) -> None:
-        v = Verdict(session_id=session_id, batch_id=res.batch_id, seq=res.seq, decision=res.decision,
-                    violations=res.violations[:self.cap],
-                    violations_omitted=max(0, len(res.violations) - self.cap) + unlisted,
-                    reason=res.reason, policy_id=res.policy_id,
-                    policy_sha256=res.policy_sha256, engine=self.engine if res.policy_sha256 else None,
-                    source=ref)
-        key = session_id.encode()
-        self._produce(self.topics.verdicts, key, v.model_dump_json().encode())
-        for viol in res.violations:  # as the worker: a repeated verdict repeats its alerts (same ids)
-            self._produce(self.topics.alerts, key, Alert.from_violation(viol, v).model_dump_json().encode())
+    def send(self, verdict: Verdict, omitted: tuple = ()) -> None:
+        """What the worker publishes for a batch: its verdict (a repeat: the stored one) and an
+        alert per violation, those past the verdict's cap included."""
+        key = verdict.session_id.encode()
+        self._produce(self.topics.verdicts, key, verdict.model_dump_json().encode())
+        for viol in [*verdict.violations, *omitted]:
+            self._produce(self.topics.alerts, key, Alert.from_violation(viol, verdict).model_dump_json().encode())
 
     def _produce(self, topic: str, key: bytes, value: bytes) -> None:
         while True:
@@ -957,7 +990,7 @@ def shard_of(session_id: str | None, shards: int) -> int:
     return zlib.crc32(session_id.encode("utf-8", "surrogatepass")) % shards
 
 
-def _kafka_source(req: ReplayRequest) -> KafkaSource:
+def _kafka_source(req: ReplayRequest, shard: tuple[int, int] = (0, 1)) -> KafkaSource:
     if not req.bootstrap_servers:
         raise ReplayError("a topic replay needs --bootstrap-servers (or KAFKA_BOOTSTRAP_SERVERS)")
     if req.publish_prefix and req.topic and req.topic.startswith(req.publish_prefix + "."):
@@ -965,7 +998,7 @@ def _kafka_source(req: ReplayRequest) -> KafkaSource:
                           "replay never writes to the topics it reads")
     return KafkaSource(req.bootstrap_servers, req.topic or "", from_time=req.from_time, to_time=req.to_time,
                        from_offsets=req.from_offsets, to_offsets=req.to_offsets, partitions=req.partitions,
-                       max_record_bytes=req.max_record_bytes)
+                       max_record_bytes=req.max_record_bytes, shard=shard)
 
 
 async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: str,
@@ -981,7 +1014,7 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
         other = load_policy_set(req.compare)
     source: FileSource | KafkaSource
     if req.topic:
-        source = _kafka_source(req)
+        source = _kafka_source(req, (shard, shards))
     else:
         source = FileSource(req.inputs, trace_batch=req.trace_batch, max_record_bytes=req.max_record_bytes,
                             shard=(shard, shards))
@@ -995,8 +1028,7 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
         bootstrap = req.publish_bootstrap or req.bootstrap_servers
         if not bootstrap:
             raise ReplayError("--publish needs --bootstrap-servers")
-        publisher = _Publisher(bootstrap, req.publish_prefix, main.engine_names(),
-                               main.settings.max_verdict_violations)
+        publisher = _Publisher(bootstrap, req.publish_prefix)
     store = ResultStore(db_dir, f"shard-{shard}")
     out_summary = _ShardSummary(db=store.path)
     sessions, rules, bad, counts = out_summary.sessions, out_summary.rules, out_summary.bad, out_summary.counts
@@ -1004,9 +1036,8 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
     last = 0.0
     # plain ints in the loop: a pydantic model's attribute write costs a Python call per batch
     records = batches = events = duplicates = 0
-    # files: every shard reads them and keeps its own sessions; a topic's partitions are dealt
-    # out to the shards already (a session lives on one partition)
-    by_session = shards > 1 and isinstance(source, FileSource)
+    # every shard reads the whole input and keeps its own sessions
+    by_session = shards > 1
     try:
         for item in source:
             batch = item.batch
@@ -1066,7 +1097,7 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
                         other_violations=[violation_line(v) for v in o.violations],
                         reason=res.reason, other_reason=o.reason))
             if publisher is not None:
-                publisher.send(sid, res, item.ref, out.unlisted)
+                publisher.send(out.verdict, out.omitted)
             agg.ord += 1
             if report is not None and batches % 256 == 0:
                 now = time.monotonic()
@@ -1143,11 +1174,11 @@ def _auto_shards(req: ReplayRequest) -> int:
 def _run_shards(req: ReplayRequest, shards: int, workdir: str, policies: PolicySet,
                 other: PolicySet | None) -> list[_ShardSummary]:
     if req.topic and shards > 1:
-        # one plan for every shard: the same end offsets, the partitions dealt out round-robin
+        # one plan for every shard: the same ranges, which each shard reads whole and keeps its
+        # sessions of (by partition would split a session whose records came under other keys)
         plan = _kafka_source(req)
         plan.consumer.close()
         ranges = [r for r in plan.ranges]
-        shards = min(shards, len(ranges)) or 1
     total = FileSource(req.inputs).total if not req.topic else 0
     if req.topic and shards > 1:
         total = sum(r.end - r.start for r in ranges)
@@ -1166,15 +1197,14 @@ def _run_shards(req: ReplayRequest, shards: int, workdir: str, policies: PolicyS
     for k in range(shards):
         sub = req
         if req.topic:
-            mine = ranges[k::shards]
-            sub = replace(req, partitions=[r.partition for r in mine],
-                          from_offsets={r.partition: r.start for r in mine},
-                          to_offsets={r.partition: r.end for r in mine}, from_time=None, to_time=None)
+            sub = replace(req, partitions=[r.partition for r in ranges],
+                          from_offsets={r.partition: r.start for r in ranges},
+                          to_offsets={r.partition: r.end for r in ranges}, from_time=None, to_time=None)
         p = ctx.Process(target=_shard_child, args=(sub, k, shards, workdir, shared, policies, other),
                         daemon=True)
         p.start()
         procs.append(p)
-    progress = _Progress(req.progress, total * (1 if req.topic else shards), "records" if req.topic else "bytes")
+    progress = _Progress(req.progress, total * shards, "records" if req.topic else "bytes")
     try:
         while any(p.is_alive() for p in procs):
             progress.update(sum(shared[0::2]), sum(shared[1::2]), force=True)
@@ -1194,9 +1224,6 @@ def _run_shards(req: ReplayRequest, shards: int, workdir: str, policies: PolicyS
         if isinstance(summary, BaseException):
             raise summary
         summaries.append(summary)
-    if req.topic:  # the manifest lists every partition, in order
-        parts = sorted((r for s in summaries if s.kafka for r in s.kafka.partitions), key=lambda r: r.partition)
-        summaries[0].kafka = summaries[0].kafka.model_copy(update={"partitions": parts})  # type: ignore[union-attr]
     return summaries
 
 
@@ -1616,6 +1643,18 @@ def _offsets_arg(value: str) -> int | dict[int, int]:
     return offsets
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = low - 1
+        if n < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {low}, got {value!r}")
+        return n
+    return parse
+
+
 def _partitions_arg(value: str) -> list[int]:
     try:
         parts = [int(p) for p in value.split(",")]
@@ -1650,8 +1689,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--verdict-memory", type=int, default=64, help="recent batch ids remembered per session")
     p.add_argument("--trace-batch", type=int, default=1, help="events per batch for plain traces")
     p.add_argument("--budget-ms", type=float, help="time budget per batch (default: none, for reproducibility)")
-    p.add_argument("--max-record-bytes", type=int, default=1_000_000)
-    p.add_argument("--shards", type=int, help="processes evaluating disjoint sessions "
+    p.add_argument("--max-record-bytes", type=_int_at_least(1024), default=1_000_000,
+                   help="records over this size are refused, as the worker refuses them (at least 1024)")
+    p.add_argument("--shards", type=_int_at_least(1), help="processes evaluating disjoint sessions "
                    "(default: 1, or up to 4 by cores for inputs over 16 MiB; a topic: 1)")
     p.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
     p.add_argument("--no-progress", action="store_true")

@@ -75,6 +75,7 @@ def _short_validation(exc: ValidationError, limit: int = 5) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+TOO_DEEP = "it is nested too deeply"
 LONE_SURROGATE = ("the record holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): "
                   "not Unicode text, so no verdict or report could quote it")
 
@@ -116,6 +117,8 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
             unicode_ok = is_unicode(data)  # it also takes lone surrogates, which no JSON out can carry
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             data = exc
+        except RecursionError:
+            data = ValueError(TOO_DEEP)
     sid = data.get("session_id") if isinstance(data, dict) else None
     bid = data.get("batch_id") if isinstance(data, dict) else None
     # (ids from_json read are Unicode already: only json's may hold a lone surrogate)

@@ -5,6 +5,7 @@ CLI's answers to bad flags and paths. The worker's own Evaluator is the oracle w
 from __future__ import annotations
 
 import asyncio
+import os
 import doctest
 import json
 import shutil
@@ -304,3 +305,43 @@ def test_the_worker_refuses_a_lone_surrogate_with_its_ids_and_takes_a_bom():
     # a pair is one character, not a lone surrogate
     pair = decode_batch(b"s", value.replace(b"\\ud800", b"\\ud83d\\ude00"), 10**6)
     assert pair.trace()[0]["content"] == "hi \U0001f600"
+
+
+def test_raw_surrogate_bytes_deep_nesting_and_odd_file_names_are_bad_input_not_a_crash(tmp_path, send_policy):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    (d / "raw.json").write_bytes(b'[{"role": "user", "content": "send \xed\xa0\x80 it"}, '
+                                 + json.dumps(call("send_email")).encode() + b"]")
+    (d / "deep.json").write_text("[" * 5000 + "]" * 5000)
+    (d / "lines.jsonl").write_text("[" * 5000 + "]" * 5000 + "\n" + record("ok", "1", [user("hi")]) + "\n")
+    odd = os.fsdecode(b"caf\xe9.json")  # a name that is not UTF-8 (a Latin-1 file system's)
+    (d / odd).write_text(json.dumps([user("hi")]))
+    # one file under two spellings is read once
+    report, _ = replay(tmp_path, [d, d / "sub" / ".." / "lines.jsonl"], send_policy)
+    reasons = {b.where.rsplit("/", 1)[-1]: b.reason for b in report.bad_input}
+    assert reasons == {"caf\\xe9.json": "the file name is not UTF-8: rename it",
+                       "deep.json": "not JSON we can read: it is nested too deeply",
+                       "lines.jsonl:1": "the record value is not JSON: it is nested too deeply",
+                       "raw.json#events[0]": LONE_SURROGATE}
+    assert [s.session_id for s in report.sessions] == ["ok", "raw"]
+    assert [x.decision for x in batches(report, "raw")] == ["allow"]
+    assert verify_report(tmp_path / "report.json").ok
+
+
+def test_a_report_written_into_an_input_folder_is_no_input(tmp_path, send_policy):
+    d = tmp_path / "traces"
+    d.mkdir()
+    (d / "t.json").write_text(json.dumps([user("send"), call("send_email")]))
+    for _ in range(2):  # the second run finds the first one's report among the traces
+        run_replay(ReplayRequest(inputs=[str(d)], policy=str(send_policy), out=str(d / "audit.json"),
+                                 html=str(d / "audit.html"), progress=False))
+        report = Report.load(d / "audit.json")
+        assert [f.path for f in report.manifest.inputs.files] == [str(d / "t.json")]
+        assert report.bad_input == []
+    assert verify_report(d / "audit.json").ok
+
+
+def test_cli_refuses_a_record_limit_below_the_worker_s_and_no_shards(tmp_path, send_policy):
+    for flag, value in [("--max-record-bytes", "10"), ("--shards", "0")]:
+        run = cli("replay", str(tmp_path), "--policy", str(send_policy), flag, value)
+        assert run.returncode == 2 and flag in run.stderr and "at least" in run.stderr, run.stderr
