@@ -421,8 +421,10 @@ def parse_offsets(value: str | None) -> int | dict[int, int] | None:
 class KafkaSource:
     """Committed records of a topic between two timestamps or offsets; commits nothing.
 
-    End offsets are captured when it starts (the high watermarks, or the first offset at
-    ``to_time``), so records produced while it runs are not read and a re-run reads the same range.
+    End offsets are captured when it starts (the high watermarks, which for a read_committed
+    consumer stop before an open transaction, or the first offset at ``to_time``), so records
+    produced while it runs are not read and a re-run reads the same range. ``shard=(k, n)``: it
+    reads the whole range and yields the records of shard ``k``'s sessions only.
     """
 
     def __init__(self, bootstrap_servers: str, topic: str, *, from_time: str | None = None,
@@ -433,7 +435,6 @@ class KafkaSource:
         from confluent_kafka import Consumer
 
         self.shard, self.shards = shard
-
         self.bootstrap_servers, self.topic = bootstrap_servers, topic
         self.from_time, self.to_time = from_time, to_time
         self.max_record_bytes = max_record_bytes
