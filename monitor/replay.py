@@ -57,7 +57,7 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,7 +114,6 @@ class Item:
     raw: bytes | None = None  # the record as read (JSONL line, Kafka value), kept for evidence
     ref: SourceRef | None = None
     rejected: Any = None  # monitor.worker.Rejected: the worker still denies it if it has ids
-    route: str | None = None  # the session id used to pick the shard, when read before decoding
     # a rejected record's deny is remembered in its session's state (as the worker does when the
     # record's key is its session id: the state lives on that key's partition), else only sent
     remember: bool = True
@@ -201,7 +200,7 @@ def _is_event_list(doc: list[Any]) -> bool:
 
 
 # a lone surrogate as json.loads reads it: a \\udXXX escape, or its UTF-8-style bytes (surrogatepass)
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_LONE_SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
 
 
 class FileSource:
@@ -244,19 +243,31 @@ class FileSource:
         return cand
 
     def __iter__(self) -> Iterator[Item]:
+        """The items of this shard's sessions (those of no session: shard 0's)."""
         for f in self.files:
             path = str(f)
             if not is_unicode(path):  # a name no report can hold: say which, readably
                 shown = os.fsencode(f).decode("utf-8", "backslashreplace")
-                yield Item(shown, bad=BadInput(where=shown, file=shown, reason="the file name is not UTF-8: rename it"))
+                yield from self._mine([Item(shown, bad=BadInput(where=shown, file=shown,
+                                                                reason="the file name is not UTF-8: rename it"))])
                 continue
             try:
                 if f.suffix in JSONL_SUFFIXES:
-                    yield from self._jsonl(f, path)
+                    yield from self._jsonl(f, path)  # routes each line before decoding it
                 else:
-                    yield from self._json(f, path)
+                    yield from self._mine(self._json(f, path))  # every shard parses the file
             except OSError as exc:
-                yield Item(path, bad=BadInput(where=path, file=path, reason=f"unreadable: {exc}"))
+                yield from self._mine([Item(path, bad=BadInput(where=path, file=path, reason=f"unreadable: {exc}"))])
+
+    def _mine(self, items: Iterable[Item]) -> Iterator[Item]:
+        for item in items:
+            if self.shards == 1:
+                yield item
+                continue
+            rej = item.rejected
+            sid = item.batch.session_id if item.batch is not None else (rej.session_id if rej is not None else None)
+            if shard_of(sid, self.shards) == self.shard:
+                yield item
 
     def _jsonl(self, f: Path, path: str) -> Iterator[Item]:
         h, size = hashlib.sha256(), 0
@@ -268,18 +279,15 @@ class FileSource:
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
-                route = None
-                if self.shards > 1:
-                    route = line_session_id(line)
-                    if shard_of(route, self.shards) != self.shard:
-                        continue  # another shard decodes it
+                if self.shards > 1 and shard_of(line_session_id(line), self.shards) != self.shard:
+                    continue  # another shard decodes it
                 try:
                     yield Item(where, batch=decode_batch(None, line.rstrip(b"\r\n"), self.max_record_bytes,
                                                          keyed=False),
-                               raw=line, route=route)
+                               raw=line)
                 except Rejected as rej:
                     yield Item(where, bad=BadInput(where=where, file=path, line=lineno, reason=rej.reason),
-                               rejected=rej, route=route)
+                               rejected=rej)
         self.read.append(InputFile(path=path, sha256=h.hexdigest(), bytes=size))
 
     def _json(self, f: Path, path: str) -> Iterator[Item]:
@@ -299,7 +307,7 @@ class FileSource:
             yield Item(where, bad=BadInput(where=where, file=path, line=line, reason=f"not JSON: {exc}{hint}"))
             return
         self._check_text = (json.detect_encoding(data) not in ("utf-8", "utf-8-sig")
-                            or _SURROGATE_ESCAPE.search(data) is not None)
+                            or _LONE_SURROGATE_BYTES.search(data) is not None)
         if isinstance(doc, dict):
             doc = [doc]
             single = True
@@ -532,7 +540,7 @@ class KafkaSource:
                     route = (line_session_id(value) if value else None) or (
                         key.decode("utf-8", "replace") if key else None)
                     if shard_of(route, self.shards) == self.shard:
-                        yield replace(self._item(msg), route=route)
+                        yield self._item(msg)
                 else:
                     yield self._item(msg)
                 if off + 1 >= r.end:
@@ -1037,15 +1045,11 @@ async def _evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: s
     last = 0.0
     # plain ints in the loop: a pydantic model's attribute write costs a Python call per batch
     records = batches = events = duplicates = 0
-    # every shard reads the whole input and keeps its own sessions
-    by_session = shards > 1
     try:
         for item in source:
             batch = item.batch
             rej = item.rejected
             sid = batch.session_id if batch is not None else (rej.session_id if rej is not None else None)
-            if by_session and shard_of(item.route or sid, shards) != shard:
-                continue  # another shard's session (JSON files are parsed by every shard)
             records += 1
             if item.bad is not None:
                 bad.append(item.bad)
