@@ -68,6 +68,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -76,12 +86,6 @@ def _port(text: str) -> int:
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {value}")
     return value
-
-
-def _store(text: str) -> str:
-    if not text.startswith(("memory://", "rocksdb://")):
-        raise argparse.ArgumentTypeError(f"expected memory:// or rocksdb://, got {text!r}")
-    return text
 
 
 def _bootstrap(text: str) -> str:
@@ -148,12 +152,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         "bootstrap_servers": bootstrap, "topic_prefix": _prefix_of(args), "policy_path": args.policy,
         "group_id": args.group_id, "engine": args.engine, "partitions": args.partitions,
         "budget_ms": args.budget_ms, "fail_closed": not args.fail_open, "keep_denied": args.keep_denied,
-        "metrics_port": args.metrics_port, "store": args.store, "data_dir": args.data_dir,
-        "worker_id": args.worker_id, "log_level": args.log_level,
+        "metrics_port": args.metrics_port, "guarantee": args.guarantee,
+        "commit_interval_ms": args.commit_interval_ms, "worker_id": args.worker_id, "log_level": args.log_level,
         "max_record_bytes": args.max_record_bytes, "create_topics": not args.no_create_topics,
         "max_verdict_violations": args.max_verdict_violations, "verdict_memory": args.verdict_memory,
         "reference_max_history": args.history,
     }
+    if args.session_ttl is not None:
+        fields["session_ttl_s"] = None if args.session_ttl == 0 else args.session_ttl
     settings = WorkerSettings(**{k: v for k, v in fields.items() if v is not None})
     print(f"agent-monitor: serving {', '.join(p.policy_id for p in policies)} on "
           f"{settings.topics.events} at {bootstrap} ({settings.engine} engine)", file=sys.stderr)
@@ -395,8 +401,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="events of the past the reference engine (and rules the incremental engine cannot "
                         "compile) see (default 2000)")
     p.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus /metrics on this port")
-    p.add_argument("--store", type=_store, help="session table store: memory:// (default) or rocksdb://")
-    p.add_argument("--data-dir", help="folder for the worker's local state")
+    p.add_argument("--guarantee", choices=["at-least-once", "exactly-once"],
+                   help="at-least-once (default): a verdict goes out as soon as it is decided, a crash "
+                        "may repeat one; exactly-once: verdicts, alerts, state and offsets commit in one "
+                        "Kafka transaction (readers use read_committed)")
+    p.add_argument("--commit-interval-ms", type=_positive_float, metavar="MS",
+                   help="how often offsets are committed (default 200) or transactions closed under "
+                        "exactly-once (default 50: what a verdict reader waits at most)")
+    p.add_argument("--session-ttl", type=_non_negative_float, metavar="S",
+                   help="forget a session idle this many seconds (its state is tombstoned); 0 = never "
+                        "(default 86400)")
     p.add_argument("--worker-id", help="name of this worker in logs and metrics")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"], default="warning")
     p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")

@@ -65,8 +65,13 @@ class WorkerSettings(BaseModel):
     max_verdict_violations: int = Field(default=200, ge=1, description=(
         "violations listed in one verdict; the rest are counted (alerts carry every one)"))
     reference_max_history: int = Field(default=2000, ge=1)
-    store: str = Field(default="memory://", description="faust table store: memory:// or rocksdb://")
-    data_dir: str | None = None
+    guarantee: Literal["at-least-once", "exactly-once"] = Field(default="at-least-once", description=(
+        "at-least-once: verdicts go out at once, a crash may repeat one; exactly-once: verdicts, "
+        "alerts, state and offsets commit in one Kafka transaction"))
+    commit_interval_ms: float | None = Field(default=None, gt=0, description=(
+        "commit interval; default 200 ms (at-least-once) or 50 ms (exactly-once)"))
+    session_ttl_s: float | None = Field(default=86_400.0, gt=0, description=(
+        "a session idle this long is forgotten (its state tombstoned); None: never"))
     metrics_port: int | None = Field(default=None, description="serve Prometheus /metrics here")
     worker_id: str | None = None
     create_topics: bool = Field(default=True, description="provision missing topics at start")

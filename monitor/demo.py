@@ -227,7 +227,7 @@ class WorkerProcess:
         except OSError:
             return None
         for line in text.splitlines():
-            if READY_LINE in line:  # faust may prefix terminal escapes (its spinner) to the line
+            if READY_LINE in line:
                 return line[line.index(READY_LINE):]
         return None
 
@@ -396,7 +396,7 @@ def run_demo(policy: str | None = None, sessions: str | None = None, keep: bool 
         data_dir = Path(tempfile.mkdtemp(prefix="agent-monitor-demo-"))
         worker = WorkerProcess(
             ["--policy", str(policy_path), "--bootstrap-servers", bootstrap, "--prefix", prefix,
-             "--engine", engine, "--partitions", str(DEMO_PARTITIONS), "--data-dir", str(data_dir),
+             "--engine", engine, "--partitions", str(DEMO_PARTITIONS),
              "--worker-id", "demo", "--log-level", "warning"],
             log_path=data_dir / "worker.log",
         ).start(new_session=keep)

@@ -170,57 +170,6 @@ class WorkerMetrics:
             except KeyError:
                 pass
 
-    def attach_faust(self, app: Any, events_topic: str) -> None:
-        """Export faust's own sensors on this registry and keep ``agent_monitor_consumer_lag`` up to date.
-
-        faust's Prometheus sensor (messages, commits, rebalances, send latency, offsets) is installed
-        as ``app.monitor`` with names ``agent_monitor_faust_*``; the lag of every assigned
-        ``events_topic`` partition (end offset minus committed offset) comes from the same hooks.
-        Call it once, before the app starts.
-
-        >>> import faust
-        >>> from faust.types import TP
-        >>> m = WorkerMetrics()
-        >>> app = faust.App("doc-attach", broker="kafka://127.0.0.1:1")
-        >>> m.attach_faust(app, "agent.events")
-        >>> app.monitor.track_tp_end_offset(TP("agent.events", 2), 50)
-        >>> app.monitor.on_tp_commit({TP("agent.events", 2): 45})
-        >>> m.value("agent_monitor_consumer_lag", partition="2")
-        5.0
-        """
-        from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor
-
-        owner = self
-        ends: dict[int, int] = {}
-        committed: dict[int, int] = {}
-
-        def update(partition: int) -> None:
-            if partition in ends:
-                owner.set_consumer_lag(partition, ends[partition] - committed.get(partition, 0))
-
-        class Monitor(PrometheusMonitor):
-            def track_tp_end_offset(self, tp: Any, offset: int) -> None:
-                super().track_tp_end_offset(tp, offset)
-                if tp.topic == events_topic:
-                    ends[tp.partition] = offset
-                    update(tp.partition)
-
-            def on_tp_commit(self, tp_offsets: Any) -> None:
-                super().on_tp_commit(tp_offsets)
-                for tp, offset in tp_offsets.items():
-                    if tp.topic == events_topic:
-                        committed[tp.partition] = offset
-                        update(tp.partition)
-
-            def on_rebalance_start(self, app: Any) -> dict:
-                # partitions may move to another worker: stale lag here would count twice
-                ends.clear()
-                committed.clear()
-                owner.forget_partitions()
-                return super().on_rebalance_start(app)
-
-        app.monitor = Monitor(metrics=FaustMetrics.create(self.registry, "agent_monitor_faust"))
-
     def set_policy(self, policy_id: str | None, policy_sha256: str | None) -> None:
         """The policy now loaded (after start or a hot reload)."""
         self.policy_info.clear()

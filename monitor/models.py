@@ -26,6 +26,8 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    ValidationInfo,
+    field_validator,
     with_config,
 )
 from typing_extensions import NotRequired, TypedDict
@@ -104,10 +106,22 @@ class EventBatch(BaseModel):
     session_id: str = Field(min_length=1, max_length=512)
     batch_id: str = Field(min_length=1, max_length=512, description="producer-chosen idempotency key")
     seq: int | None = Field(default=None, ge=0, description="optional per-session order number")
-    events: list[Event] = Field(min_length=1)
+    # (before events: their check reads it)
+    end_session: bool = Field(default=False, description=(
+        "the session's last batch: it is checked and answered as any other, then the session's "
+        "state is removed (a later batch with the same session id starts afresh)"))
+    events: list[Event] = Field(default_factory=list, validate_default=True, description=(
+        "the pending events; at least one unless end_session is set"))
     policy: str | None = Field(default=None, description="optional policy id")
     metadata: BatchMetadata = Field(default_factory=BatchMetadata)
     produced_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("events")
+    @classmethod
+    def _some_events(cls, events: list[Any], info: ValidationInfo) -> list[Any]:
+        if not events and not info.data.get("end_session"):
+            raise ValueError("at least one event is needed (only an end_session batch may have none)")
+        return events
 
     def trace(self) -> list[dict[str, Any]]:
         """The events exactly as the agent sent them, in Invariant's input format."""

@@ -95,7 +95,7 @@ from monitor.report import (
     write_report,
 )
 from monitor.state import SessionStore
-from monitor.worker import LONE_SURROGATE, TOO_DEEP, Rejected, decode_batch, is_unicode
+from monitor.core import LONE_SURROGATE, TOO_DEEP, BatchEvaluator, Rejected, decode_batch, is_unicode, joins_past
 
 TRACE_SUFFIXES = (".json",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -113,7 +113,7 @@ class Item:
     bad: BadInput | None = None
     raw: bytes | None = None  # the record as read (JSONL line, Kafka value), kept for evidence
     ref: SourceRef | None = None
-    rejected: Any = None  # monitor.worker.Rejected: the worker still denies it if it has ids
+    rejected: Any = None  # monitor.core.Rejected: the worker still denies it if it has ids
     # a rejected record's deny is remembered in its session's state (as the worker does when the
     # record's key is its session id: the state lives on that key's partition), else only sent
     remember: bool = True
@@ -621,7 +621,7 @@ class _VerdictSpill:
 
 
 class Evaluator:
-    """The live worker's own evaluator (:class:`monitor.worker.Evaluator`) on an in-memory table.
+    """The live worker's own evaluator (:class:`monitor.core.BatchEvaluator`) on an in-memory table.
 
     Everything that decides a verdict - policy selection, repeated batch ids, seq order, the time
     budget, fail-closed, whether a denied batch joins the past - is the worker's code, not a copy.
@@ -630,7 +630,6 @@ class Evaluator:
     def __init__(self, policies: PolicySet, options: ReplayOptions, policy_path: str = "<replay>",
                  spill: str | None = None) -> None:
         from monitor.config import WorkerSettings
-        from monitor.worker import Evaluator as WorkerEvaluator
 
         self.policies = policies
         self.options = options
@@ -640,7 +639,7 @@ class Evaluator:
             # no budget unless asked: a verdict must not depend on how busy the machine was
             budget_ms=options.budget_ms,
         )
-        self.worker = WorkerEvaluator(policies, self.settings)
+        self.worker = BatchEvaluator(policies, self.settings)
         self.table: dict[str, Any] = {}
         self.verdicts = _VerdictSpill(spill)
         self.store = SessionStore(self.table, verdict_memory=options.verdict_memory, verdicts=self.verdicts)
@@ -650,24 +649,22 @@ class Evaluator:
         return ",".join(sorted({e.name for e in self.worker.engines.values()}))
 
     async def evaluate(self, batch: EventBatch, source: str, ref: SourceRef | None = None) -> Outcome:
-        verdict, new, omitted = await self.worker.evaluate(self.store, batch, ref)
-        return self._outcome(verdict, new, omitted, source, batch.seq, len(batch.events))
+        out = await self.worker.evaluate(self.store, batch, ref)
+        assert out.verdict is not None
+        return self._outcome(out.verdict, out.new, out.omitted, source, batch.seq, len(batch.events))
 
     async def reject(self, rejected: Rejected, source: str, ref: SourceRef | None = None,
                      remember: bool = True) -> Outcome:
         """The worker's answer to a record it rejects but can address (session and batch ids
         readable): a deny it remembers, or the verdict that batch id already has; with
         ``remember=False`` (a record not keyed by its session id) a deny it only sends."""
-        if not remember:
-            verdict = Verdict(session_id=rejected.session_id, batch_id=rejected.batch_id, decision="deny",
-                              source=ref, reason=f"rejected record ({rejected.kind}): {rejected.reason}")
-            return self._outcome(verdict, True, (), source, None, 0)
-        verdict, new, omitted = await self.worker.reject(self.store, rejected, ref)
-        return self._outcome(verdict, new, omitted, source, verdict.seq, 0)
+        out = await self.worker.reject(self.store, rejected, ref, remember=remember)
+        assert out.verdict is not None
+        return self._outcome(out.verdict, out.new, out.omitted, source, out.verdict.seq if remember else None, 0)
 
     def _outcome(self, verdict: Verdict, new: bool, omitted: tuple, source: str, seq: int | None,
                  events: int) -> Outcome:
-        joined = new and verdict.reason is None and (verdict.decision == "allow" or self.options.keep_denied)
+        joined = new and joins_past(verdict, self.options.keep_denied)
         # the trace index of the batch's first event: what this policy's past of the session holds
         # (counted here rather than re-reading the session head: same number, less work)
         key = (verdict.session_id, verdict.policy_id)

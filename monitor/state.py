@@ -6,7 +6,7 @@ recent verdict. A batch writes its log entries and its verdict first and the hea
 the commit point, so after a crash between the writes the old head is still in charge and the
 redelivered batch is evaluated again on the same state, overwriting the same entry keys.
 
-Works on any ``MutableMapping``: a faust Table in the worker, a dict in replay and tests.
+Works on any ``MutableMapping``: the runtime's changelog table in the worker, a dict in replay and tests.
 
 Example::
 
@@ -97,7 +97,7 @@ class SessionStore:
         self.verdicts = table if verdicts is None else verdicts
         self.verdict_memory = verdict_memory
         # the head this store last wrote per session, with the record it wrote: a table that hands
-        # back that very record (a dict, faust's memory store) needs no validation of it again
+        # back that very record (a dict, the changelog table) needs no validation of it again
         self._heads: dict[str, tuple[Any, SessionHead]] = {}
 
     def head(self, session_id: str) -> SessionHead:
@@ -132,6 +132,24 @@ class SessionStore:
             log.append(entry)
         return SessionState(engine=engine, length=cur.length, head=cur.head,
                             log_start=cur.log_start, log=log)
+
+    def delete_session(self, session_id: str) -> int:
+        """Remove everything a session keeps (head, log entries, recent verdicts); returns the
+        number of records removed. The head goes first: a crash part-way leaves unreachable
+        records, never a head naming a missing one."""
+        raw = self.table.get(head_key(session_id))
+        self._heads.pop(session_id, None)
+        if raw is None:
+            return 0
+        head = SessionHead.model_validate(raw)
+        self.table.pop(head_key(session_id), None)
+        n = 1
+        for pid, cur in head.policies.items():
+            for i in range(cur.log_start, cur.log_end):
+                n += self.table.pop(entry_key(pid, session_id, i), None) is not None
+        for bid in head.recent:
+            n += self.verdicts.pop(verdict_key(session_id, bid), None) is not None
+        return n
 
     def commit(self, session_id: str, head: SessionHead, batch_id: str, verdict: dict[str, Any],
                seq: int | None = None, policy_id: str | None = None,

@@ -113,7 +113,7 @@ class TopicsFile(BaseModel):
         if state.partitions_from != "events":
             raise ValueError("topics.state must set partitions_from = \"events\"")
         if state.config.get("cleanup.policy") != "compact":
-            raise ValueError("topics.state needs cleanup.policy = \"compact\" (delete makes faust recovery hang)")
+            raise ValueError("topics.state needs cleanup.policy = \"compact\" (delete retention would drop live sessions' state)")
         if self.replication_factor == 0 or self.replication_factor < -1:
             raise ValueError("replication_factor must be -1 (broker default) or >= 1")
         return self
@@ -399,7 +399,7 @@ def _config_problems(specs: list[TopicSpec], configs: Mapping[str, Mapping[str, 
         policy = configs.get(s.name, {}).get("cleanup.policy")
         if s.key == "state" and policy is not None and "delete" in policy:
             problems.append(f"{s.name} has cleanup.policy={policy}; the state changelog must be compact only "
-                            "(delete retention makes faust recovery hang): fix it with kafka-configs")
+                            "(delete retention would drop live sessions' state): fix it with kafka-configs")
     return problems
 
 

@@ -11,7 +11,7 @@ from monitor.config import WorkerSettings
 from monitor.models import EventBatch
 from monitor.policy import PolicySet, load_policy_text
 from monitor.state import HEAD_PREFIX, SessionStore, entry_key
-from monitor.worker import Evaluator, Rejected, decode_batch
+from monitor.core import BatchEvaluator, Rejected, decode_batch
 
 CRASH = '''
 raise "long message" if:
@@ -20,14 +20,15 @@ raise "long message" if:
 '''
 
 
-def evaluator(text: str = FLOW, **settings) -> Evaluator:
+def evaluator(text: str = FLOW, **settings) -> BatchEvaluator:
     policy = load_policy_text(text, policy_id="p")
-    return Evaluator(PolicySet.single(policy), WorkerSettings(policy_path="unused", **settings))
+    return BatchEvaluator(PolicySet.single(policy), WorkerSettings(policy_path="unused", **settings))
 
 
-def run(ev: Evaluator, store: SessionStore, bid: str, events: list[dict], **kw):
+def run(ev: BatchEvaluator, store: SessionStore, bid: str, events: list[dict], **kw):
     b = EventBatch(session_id="s", batch_id=bid, events=events, **kw)
-    return asyncio.run(ev.evaluate(store, b, None))[:2]
+    out = asyncio.run(ev.evaluate(store, b, None))
+    return out.verdict, out.new
 
 
 @pytest.mark.parametrize("engine", ["incremental", "reference"])
@@ -105,7 +106,8 @@ def test_a_rejected_batch_id_keeps_its_deny():
     ev, store = evaluator(), SessionStore({})
     with pytest.raises(Rejected) as exc:
         decode_batch(b"s", b'{"session_id": "s", "batch_id": "b1", "events": 5}', 10_000)
-    deny, new, _ = asyncio.run(ev.reject(store, exc.value, None))
+    out = asyncio.run(ev.reject(store, exc.value, None))
+    deny, new = out.verdict, out.new
     assert new and deny.decision == "deny" and "rejected record" in deny.reason
     # the agent resends a fixed record under the same batch id: it keeps its one verdict
     again, new = run(ev, store, "b1", [BENIGN])
@@ -154,7 +156,8 @@ raise "word" if:
 '''
     ev, store = evaluator(many, max_verdict_violations=3), SessionStore({})
     b = EventBatch(session_id="s", batch_id="b1", events=[{"role": "user", "content": f"w{i}"} for i in range(10)])
-    v, _, omitted = asyncio.run(ev.evaluate(store, b, None))
+    out = asyncio.run(ev.evaluate(store, b, None))
+    v, omitted = out.verdict, out.omitted
     assert len(v.violations) == 3 and v.violations_omitted == 7 and len(omitted) == 7
     assert {x.key for x in v.violations} | {x.key for x in omitted} == {
         f"(0, ({i},))" for i in range(10)}

@@ -176,27 +176,3 @@ def test_serve_metrics_reads_token_and_host_from_environment(monkeypatch):
     with serve_metrics(m.registry, port=0, token="explicit") as srv:
         assert _get(srv.url, token="from-env")[0] == 401
         assert _get(srv.url, token="explicit")[0] == 200
-
-
-def test_attach_faust_exports_faust_sensors_and_events_lag():
-    import faust
-    from faust.types import TP
-
-    m = WorkerMetrics()
-    app = faust.App("test-attach-faust", broker="kafka://127.0.0.1:1")
-    m.attach_faust(app, "p.events")
-    mon = app.monitor
-    mon.track_tp_end_offset(TP("p.events", 0), 100)
-    assert m.value("agent_monitor_consumer_lag", partition="0") == 100  # nothing committed yet
-    mon.on_tp_commit({TP("p.events", 0): 90, TP("p.monitor-state-changelog", 0): 5})
-    mon.track_tp_end_offset(TP("p.events", 1), 7)
-    mon.on_tp_commit({TP("p.events", 1): 7})
-    mon.track_tp_end_offset(TP("p.verdicts", 3), 1000)  # not an input: no lag series
-    assert m.value("agent_monitor_consumer_lag", partition="0") == 10
-    assert m.value("agent_monitor_consumer_lag", partition="1") == 0
-    assert m.registry.get_sample_value("agent_monitor_consumer_lag", {"partition": "3"}) is None
-    # faust's own metrics land on the worker's registry, under the project's prefix
-    assert m.value("agent_monitor_faust_topic_partition_end_offset", topic="p.events", partition="0") == 100
-    mon.on_rebalance_start(app)
-    assert m.registry.get_sample_value("agent_monitor_consumer_lag", {"partition": "0"}) is None
-    assert m.value("agent_monitor_faust_total_rebalances") == 1

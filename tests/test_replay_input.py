@@ -20,13 +20,13 @@ import monitor.replay
 import monitor.report
 import monitor.samples
 import monitor.state
-import monitor.worker
+import monitor.core
 from monitor.config import WorkerSettings
 from monitor.policy import load_policy_set
 from monitor.report import Report
 from monitor.replay import ReplayRequest, run_replay, verify_report
 from monitor.state import SessionStore
-from monitor.worker import LONE_SURROGATE, Evaluator, Rejected, decode_batch
+from monitor.core import LONE_SURROGATE, BatchEvaluator, Rejected, decode_batch
 from test_replay import ROOT, SEND_RULE, batches, call, record, replay, user
 
 
@@ -43,7 +43,7 @@ def cli(*args: str):
 
 
 def test_doc_examples_of_replay_and_what_it_builds_on_run():
-    for module in (monitor.replay, monitor.report, monitor.worker, monitor.state, monitor.models,
+    for module in (monitor.replay, monitor.report, monitor.core, monitor.state, monitor.models,
                    monitor.policy, monitor.samples):
         failed, tried = doctest.testmod(module)
         assert failed == 0 and tried > 0, module.__name__
@@ -135,16 +135,17 @@ def test_records_the_worker_rejects_get_the_worker_s_answers(tmp_path, send_poli
     report, _ = replay(tmp_path, [f], send_policy, engine="incremental")
     got = [(x.batch_id, x.decision, x.duplicate) for x in batches(report, "s")]
 
-    evaluator = Evaluator(load_policy_set(str(send_policy)), WorkerSettings(policy_path=str(send_policy)))
+    evaluator = BatchEvaluator(load_policy_set(str(send_policy)), WorkerSettings(policy_path=str(send_policy)))
     store = SessionStore({})
 
     async def worker() -> list:
         out = []
         for line in lines:
             try:
-                verdict, new, _ = await evaluator.evaluate(store, decode_batch(b"s", line.encode(), 10**6), None)
+                got_ = await evaluator.evaluate(store, decode_batch(b"s", line.encode(), 10**6), None)
             except Rejected as rej:
-                verdict, new, _ = await evaluator.reject(store, rej, None)
+                got_ = await evaluator.reject(store, rej, None)
+            verdict, new = got_.verdict, got_.new
             out.append((verdict.batch_id, verdict.decision, not new))
         return out
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from monitor.engine.base import CheckResult, Engine, EngineError, RuleInfo, SessionState
+from monitor.engine.base import (
+    BudgetExceeded,
+    CheckResult,
+    Deadline,
+    Engine,
+    EngineError,
+    RuleInfo,
+    SessionState,
+)
 from monitor.policy import LoadedPolicy
 
 ENGINES = ("incremental", "reference")
@@ -25,4 +33,5 @@ def make_engine(policy: LoadedPolicy, kind: str = "incremental", **options) -> E
     raise ValueError(f"unknown engine {kind!r}: expected one of {', '.join(ENGINES)}")
 
 
-__all__ = ["CheckResult", "Engine", "EngineError", "RuleInfo", "SessionState", "make_engine", "ENGINES"]
+__all__ = ["BudgetExceeded", "CheckResult", "Deadline", "Engine", "EngineError", "RuleInfo", "SessionState",
+           "make_engine", "ENGINES"]

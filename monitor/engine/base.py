@@ -9,6 +9,7 @@ entry instead of rewriting a session's history on every event.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -64,6 +65,46 @@ class EngineError(RuntimeError):
     """The policy raised while it was evaluated; the batch fails closed."""
 
 
+class BudgetExceeded(EngineError):
+    """The check ran past its deadline and was stopped; the batch fails closed."""
+
+
+class Deadline:
+    """A cooperative deadline: loops call :meth:`check` often, it raises once the time is up.
+
+    Reading the clock costs ~60 ns, so it is read every ``every`` calls only.
+
+    >>> d = Deadline(None)
+    >>> d.check()  # no deadline: never raises
+    >>> import time
+    >>> d = Deadline(time.perf_counter() - 1, every=1)
+    >>> d.check()
+    Traceback (most recent call last):
+    ...
+    monitor.engine.base.BudgetExceeded: the check ran past its deadline
+    """
+
+    __slots__ = ("at", "every", "_n")
+
+    def __init__(self, at: float | None, every: int = 64) -> None:
+        self.at = at
+        self.every = every
+        self._n = 0
+
+    def check(self) -> None:
+        if self.at is None:
+            return
+        self._n += 1
+        if self._n >= self.every:
+            self._n = 0
+            if time.perf_counter() > self.at:
+                raise BudgetExceeded("the check ran past its deadline")
+
+    def left(self) -> float | None:
+        """Seconds left (at least 0), or None without a deadline."""
+        return None if self.at is None else max(0.0, self.at - time.perf_counter())
+
+
 class Engine(ABC):
     """Evaluates one loaded policy batch by batch.
 
@@ -86,8 +127,13 @@ class Engine(ABC):
         return SessionState(engine=self.name)
 
     @abstractmethod
-    async def check(self, state: SessionState, pending: list[dict[str, Any]]) -> CheckResult:
-        """Evaluate ``pending`` after the session's past; must not block the event loop for long."""
+    async def check(self, state: SessionState, pending: list[dict[str, Any]],
+                    deadline: float | None = None) -> CheckResult:
+        """Evaluate ``pending`` after the session's past.
+
+        ``deadline`` (a ``time.perf_counter()`` value) bounds the check: past it the check stops
+        and raises :class:`BudgetExceeded`.
+        """
 
     @abstractmethod
     def explain(self) -> list[RuleInfo]:

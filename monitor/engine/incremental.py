@@ -55,7 +55,15 @@ from typing import Any
 
 from invariant.analyzer.runtime.evaluation import NOP
 
-from monitor.engine.base import CheckResult, Engine, EngineError, RuleInfo, SessionState
+from monitor.engine.base import (
+    BudgetExceeded,
+    CheckResult,
+    Deadline,
+    Engine,
+    EngineError,
+    RuleInfo,
+    SessionState,
+)
 from monitor.engine.compiler import ARROW, DECL, OWN, CompiledRule, RulePlan, compile_policy
 from monitor.engine.evaluator import (
     FALSE,
@@ -76,7 +84,7 @@ from monitor.engine.evaluator import (
     parse_flat,
     prepared_events,
 )
-from monitor.engine.reference import DEFAULT_MAX_HISTORY, LoopPool, jsonable, shift_address
+from monitor.engine.reference import DEFAULT_MAX_HISTORY, LoopPool, jsonable, shift_address, within
 from monitor.models import Match
 from monitor.policy import LoadedPolicy
 
@@ -178,8 +186,14 @@ class IncrementalEngine(Engine):
                     reason=f"{p.reason}; runs on invariant-ai over the last {self.max_history} events"))
         return out
 
-    async def check(self, state: SessionState, pending: list[dict[str, Any]]) -> CheckResult:
-        """Evaluate ``pending`` after the session's past (see the module docstring)."""
+    async def check(self, state: SessionState, pending: list[dict[str, Any]],
+                    deadline: float | None = None) -> CheckResult:
+        """Evaluate ``pending`` after the session's past (see the module docstring).
+
+        The check runs inline; ``deadline`` is checked between elements and assignments, so an
+        overrun stops within one condition's evaluation of it.
+        """
+        budget = Deadline(deadline)
         head, log = state.head, state.log
         if head.get("v") != STATE_VERSION or head.get("p") != self._tag:
             # a state of another policy text (hot reload) or version: its candidates name other
@@ -229,7 +243,7 @@ class IncrementalEngine(Engine):
             if rule.never:
                 continue
             rule_matches, new_recs, new_witnesses = await self._match_rule(
-                rule, by_kind, raw_prepared, old, head, index, objects, links)
+                rule, by_kind, raw_prepared, old, head, index, objects, links, budget)
             matches.extend(rule_matches)
             tails = head["tail"].get(str(rule.index), {})
             for v, keep in enumerate(rule.keep):
@@ -251,7 +265,7 @@ class IncrementalEngine(Engine):
                         appended.append({"t": "k", **rec})
         log_start = state.log_start + (len(state.log) - len(log))
         if self.fallback:
-            matches.extend(await self._run_fallback(raw_entries, length, pending))
+            matches.extend(await self._run_fallback(raw_entries, length, pending, deadline))
             appended.extend({"t": "e", "i": length + k, "e": e} for k, e in enumerate(pending))
             # drop raw events that left the window, keeping the candidates that sat among them
             total = length + len(pending)
@@ -342,7 +356,7 @@ class IncrementalEngine(Engine):
 
     async def _match_rule(self, rule: CompiledRule, by_kind: dict[str, list[Element]],
                           raw: list[dict] | None, old: dict, head: dict, index: EventIndex,
-                          objects: dict, links: dict[int, dict]
+                          objects: dict, links: dict[int, dict], budget: Deadline
                           ) -> tuple[list[Match], list[list[dict]], list[list[dict]]]:
         nvars = len(rule.vars)
         new: list[list[_Cand]] = [[] for _ in range(nvars)]
@@ -355,6 +369,7 @@ class IncrementalEngine(Engine):
             conds, decl, new_v, failed_v = own[v], var.decl, new[v], failed[v]
             with_object = v in rule.needs_object
             for el in by_kind.get(var.type, ()):
+                budget.check()
                 rec = self._own_record_fast(conds, decl, el, index)
                 if rec is None:
                     rec = await self._own_record(rule, v, el, index, raw)
@@ -428,6 +443,7 @@ class IncrementalEngine(Engine):
             return True
 
         async def visit(v: int, assign: list, any_new: bool) -> None:
+            budget.check()
             if v == nvars:
                 if any_new:
                     m = await self._walk(rule, assign, objects, index)
@@ -536,7 +552,7 @@ class IncrementalEngine(Engine):
         return str(exc), {}
 
     async def _run_fallback(self, raw_entries: list[tuple[int, dict]], length: int,
-                            pending: list[dict]) -> list[Match]:
+                            pending: list[dict], deadline: float | None = None) -> list[Match]:
         window = sorted((e for _, e in raw_entries if e["i"] >= length - self.max_history),
                         key=lambda e: e["i"])
         offset = window[0]["i"] if window else length
@@ -546,7 +562,9 @@ class IncrementalEngine(Engine):
             return await self._sub.a_analyze_pending(past, pending)
 
         try:
-            result = await (self._thread.run(run()) if self._thread else run())
+            result = await within(self._thread.run(run()) if self._thread else run(), deadline)
+        except BudgetExceeded:
+            raise
         except Exception as exc:  # noqa: BLE001 - any policy failure fails the batch closed
             raise EngineError(f"{type(exc).__name__}: {exc}") from exc
         out = []

@@ -12,10 +12,11 @@ import asyncio
 import json
 import os
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
-from monitor.engine.base import CheckResult, Engine, EngineError, RuleInfo, SessionState
+from monitor.engine.base import BudgetExceeded, CheckResult, Engine, EngineError, RuleInfo, SessionState
 from monitor.models import Match
 from monitor.policy import LoadedPolicy
 
@@ -69,6 +70,16 @@ def error_to_match(error: Any, offset: int, rule_index: int | None = None) -> Ma
         addresses=[shift_address(r.json_path, offset) for r in error.ranges],
         kwargs={k: jsonable(v) for k, v in error.kwargs.items()},
     )
+
+
+async def within(awaitable: Any, deadline: float | None) -> Any:
+    """Await ``awaitable``, raising :class:`BudgetExceeded` once ``deadline`` (perf_counter) passes."""
+    if deadline is None:
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, max(0.0, deadline - time.perf_counter()))
+    except asyncio.TimeoutError:
+        raise BudgetExceeded("the check ran past its deadline") from None
 
 
 class _LoopThread:
@@ -145,11 +156,12 @@ class ReferenceEngine(Engine):
         except Exception as exc:  # noqa: BLE001 - any policy failure fails the batch closed
             raise EngineError(f"{type(exc).__name__}: {exc}") from exc
 
-    async def check(self, state: SessionState, pending: list[dict[str, Any]]) -> CheckResult:
+    async def check(self, state: SessionState, pending: list[dict[str, Any]],
+                    deadline: float | None = None) -> CheckResult:
         past = list(state.log)
         offset = state.log_start
         coro = self.analyze(past, pending)
-        result = await (self._thread.run(coro) if self._thread else coro)
+        result = await within(self._thread.run(coro) if self._thread else coro, deadline)
         matches = [error_to_match(e, offset) for e in result.errors]
         total = offset + len(past) + len(pending)
         return CheckResult(

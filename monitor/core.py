@@ -1,0 +1,376 @@
+"""The Kafka-free core: one record in; its verdict, alerts and dead letter out.
+
+Everything that decides what a batch gets lives here, once: decoding a record (and the reason a
+person can act on when it is refused), the deny for a refused record, the redelivery of a known
+batch id, policy selection, the per-session order check, the engine run within its time budget
+(fail closed), the verdict with one alert per violation, and whether the batch joins the
+session's past. The live worker's runtime, replay, the demo and the HTTP API all call it; none of
+them repeats a rule of it.
+
+Example::
+
+    >>> import asyncio
+    >>> from monitor.config import WorkerSettings
+    >>> from monitor.core import BatchEvaluator
+    >>> from monitor.policy import PolicySet, load_policy_text
+    >>> from monitor.state import SessionStore
+    >>> policy = load_policy_text('raise "no" if:\\n    (m: Message) -> (t: ToolCall)\\n'
+    ...                           '    "send" in m.content\\n    t is tool:send_email\\n', "flow")
+    >>> core = BatchEvaluator(PolicySet.single(policy), WorkerSettings(policy_path="-"))
+    >>> store = SessionStore({})
+    >>> send = b'{"session_id": "s", "batch_id": "b1", "events": [{"role": "user", "content": "send it"}]}'
+    >>> asyncio.run(core.process_record(store, b"s", send, None)).verdict.decision
+    'allow'
+    >>> call = (b'{"session_id": "s", "batch_id": "b2", "events": [{"type": "function", "id": "1",'
+    ...         b' "function": {"name": "send_email", "arguments": {}}}]}')
+    >>> out = asyncio.run(core.process_record(store, b"s", call, None))
+    >>> out.verdict.decision, [a.message for a in out.alerts()]
+    ('deny', ['no'])
+    >>> bad = asyncio.run(core.process_record(store, b"s", b"{not json", None))
+    >>> bad.dead_letter.kind, bad.verdict is None
+    ('not_json', True)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_core import from_json
+
+from monitor.config import WorkerSettings
+from monitor.engine import BudgetExceeded, Engine, EngineError, make_engine
+from monitor.models import Alert, DeadLetter, EventBatch, SourceRef, Verdict, Violation
+from monitor.policy import LoadedPolicy, PolicySet
+from monitor.state import SessionHead, SessionStore, StateCorrupted
+
+log = logging.getLogger("agent_monitor.core")
+
+BUDGET_REASON = "the policy check exceeded its time budget"
+ERROR_REASON = "the policy raised an error"
+FAILED_REASON = "the policy check failed"
+FAILURE_PREFIXES = (BUDGET_REASON, ERROR_REASON, FAILED_REASON)
+
+
+class Rejected(Exception):
+    """A record that is not a valid EventBatch; carries what the dead letter needs."""
+
+    def __init__(self, kind: str, reason: str, session_id: str | None = None,
+                 batch_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.session_id = session_id
+        self.batch_id = batch_id
+
+    @property
+    def addressable(self) -> bool:
+        """Its session and batch ids could be read: the waiting agent still gets a deny."""
+        return bool(self.session_id and self.batch_id)
+
+
+def short_validation(exc: ValidationError, limit: int = 5) -> str:
+    """The first ``limit`` errors of a validation, as ``field: message`` parts."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in err["loc"]) or "record"
+        parts.append(f"{loc}: {err['msg']}")
+    more = len(exc.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+TOO_DEEP = "it is nested too deeply"
+LONE_SURROGATE = ("the record holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): "
+                  "not Unicode text, so no verdict or report could quote it")
+
+
+def is_unicode(value: Any) -> bool:
+    r"""False when a JSON value holds a lone surrogate (``json.loads`` lets ``"\ud83d"`` through).
+
+    >>> is_unicode({"a": ["\U0001f600"]}), is_unicode(json.loads(r'{"a": "\ud83d"}'))
+    (True, False)
+    """
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
+                 keyed: bool = True) -> EventBatch:
+    """Parse a record into an EventBatch or raise :class:`Rejected` with a reason a person can act on.
+
+    ``keyed=False`` is for records that never had a Kafka key (lines of a replayed file): no key
+    is then required, and the session id is the record's own.
+
+    >>> decode_batch(b"s", b'{"session_id": "s", "batch_id": "b", "events": []}', 1000)
+    Traceback (most recent call last):
+    ...
+    monitor.core.Rejected: not a valid EventBatch: events: Value error, at least one event is needed (only an end_session batch may have none)
+    """
+    key_text = key.decode("utf-8", "replace") if key else None
+    if keyed and not key_text:
+        raise Rejected("invalid", "the record has no key: the key must be the session_id, so that a "
+                       "session stays on one partition")
+    if value is None:
+        raise Rejected("invalid", "the record has no value (a tombstone?)", key_text)
+    unicode_ok = True
+    data: Any
+    try:
+        # pydantic-core's parser: over twice as fast as json's on agent records, and equal on
+        # every text it accepts (numbers included)
+        data = from_json(value, cache_strings=False)
+    except ValueError:
+        try:  # json decides the rest (it also takes a BOM and UTF-16) and words the error
+            data = json.loads(value)
+            unicode_ok = is_unicode(data)  # it also takes lone surrogates, which no JSON out can carry
+        except RecursionError:
+            data = ValueError(TOO_DEEP)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
+            data = exc
+    sid = data.get("session_id") if isinstance(data, dict) else None
+    bid = data.get("batch_id") if isinstance(data, dict) else None
+    # (ids from_json read are Unicode already: only json's may hold a lone surrogate)
+    sid = sid if isinstance(sid, str) and sid and (unicode_ok or is_unicode(sid)) else key_text
+    bid = bid if isinstance(bid, str) and bid and (unicode_ok or is_unicode(bid)) else None
+    if len(value) > max_bytes:
+        # still read its ids (Kafka bounded its size) so the waiting agent gets a deny
+        raise Rejected("too_large", f"the record is {len(value)} bytes, over the limit of {max_bytes}",
+                       sid, bid)
+    if isinstance(data, Exception):
+        raise Rejected("not_json", f"the record value is not JSON: {data}", key_text)
+    if not isinstance(data, dict):
+        raise Rejected("invalid", f"an EventBatch is a JSON object, not {type(data).__name__}", sid, bid)
+    if not unicode_ok:
+        raise Rejected("invalid", LONE_SURROGATE, sid, bid)
+    try:
+        batch = EventBatch.model_validate(data)
+    except ValidationError as exc:
+        raise Rejected("invalid", f"not a valid EventBatch: {short_validation(exc)}", sid, bid) from None
+    if keyed and key_text != batch.session_id:
+        raise Rejected("invalid", f"the record key {key_text!r} is not its session_id "
+                       f"{batch.session_id!r}: a session must stay on one partition", sid, bid)
+    return batch
+
+
+def batch_id_of(value: bytes | None) -> str | None:
+    """The batch id of a record, if one can be read at all (for a record that failed later)."""
+    try:
+        bid = json.loads(value or b"").get("batch_id")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return bid if isinstance(bid, str) and bid else None
+
+
+def rejected_verdict(rejected: Rejected, source: SourceRef | None) -> Verdict:
+    """The deny an agent gets for a record that could not be checked."""
+    assert rejected.session_id and rejected.batch_id
+    return Verdict(session_id=rejected.session_id, batch_id=rejected.batch_id, decision="deny",
+                   source=source, reason=f"rejected record ({rejected.kind}): {rejected.reason}")
+
+
+def dead_letter_for(rejected: Rejected, key: bytes | None, value: bytes | None,
+                    source: SourceRef) -> DeadLetter:
+    """The dead letter of a refused record: its bytes, where it came from and why."""
+    return DeadLetter(kind=rejected.kind, reason=rejected.reason, source=source,
+                      key=key.decode("utf-8", "replace") if key else None,
+                      value_b64=DeadLetter.encode(value), size=len(value or b""),
+                      session_id=rejected.session_id, batch_id=rejected.batch_id)
+
+
+def alerts_for(verdict: Verdict, omitted: tuple[Violation, ...] = ()) -> list[Alert]:
+    """One alert per violation of a verdict, those past its cap included."""
+    return [Alert.from_violation(v, verdict) for v in (*verdict.violations, *omitted)]
+
+
+def joins_past(verdict: Verdict, keep_denied: bool) -> bool:
+    """Whether a checked batch joins its session's past: allowed, or denied with ``keep_denied``.
+
+    A batch denied for a reason other than a rule (budget, error, order) never does.
+    """
+    return verdict.reason is None and (verdict.decision == "allow" or keep_denied)
+
+
+def failure_kind(verdict: Verdict) -> str | None:
+    """``timeout`` or ``error`` for a verdict decided by a failed check, else None."""
+    if verdict.reason and verdict.reason.startswith(FAILURE_PREFIXES):
+        return "timeout" if verdict.reason.startswith(BUDGET_REASON) else "error"
+    return None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the core decided for one record."""
+
+    verdict: Verdict | None  # None: the record could not be tied to a session and batch
+    new: bool = True  # False: a repeat of a batch id that has its verdict already
+    # violations past the verdict's cap (``max_verdict_violations``): not in the verdict, but each
+    # still gets its alert
+    omitted: tuple[Violation, ...] = ()
+    joined: bool = False  # the batch joined the session's past
+    dead_letter: DeadLetter | None = None
+    events: int = 0  # events in the batch (0 for a refused record)
+    ended: bool = False  # an end_session batch: the session's state is gone
+
+    def alerts(self) -> list[Alert]:
+        """The alerts to publish: one per violation of a new verdict (a repeat sends none)."""
+        if self.verdict is None or not self.new:
+            return []
+        return alerts_for(self.verdict, self.omitted)
+
+
+_SAME: Any = object()
+
+
+class BatchEvaluator:
+    """Decides each batch's verdict against a session store; free of Kafka.
+
+    ``settings`` gives the budget, fail-closed, keep-denied, record size and verdict caps.
+    """
+
+    def __init__(self, policies: PolicySet, settings: WorkerSettings) -> None:
+        self.policies = policies
+        self.settings = settings
+        # the reference engine's window, and the incremental engine's for rules it cannot compile
+        self.engines: dict[str, Engine] = {
+            p.policy_id: make_engine(p, settings.engine, max_history=settings.reference_max_history)
+            for p in policies.all()
+        }
+
+    def engine_names(self) -> str:
+        return ",".join(sorted({e.name for e in self.engines.values()}))
+
+    async def process_record(self, store: SessionStore, key: bytes | None, value: bytes | None,
+                             source: SourceRef | None) -> Outcome:
+        """A Kafka record in, what to publish out: decoding, checking, and every failure in
+        between ends as a dead letter and (when its ids can be read) a deny, never an exception."""
+        try:
+            batch = decode_batch(key, value, self.settings.max_record_bytes)
+        except Rejected as rej:
+            return await self._refused(store, rej, key, value, source)
+        try:
+            return await self.evaluate(store, batch, source)
+        except Exception as exc:  # noqa: BLE001 - one record costs only itself
+            log.exception("processing %s failed", source)
+            rej = Rejected("internal", f"the worker failed on this record: {type(exc).__name__}: {exc}",
+                           batch.session_id, batch.batch_id)
+            return await self._refused(store, rej, key, value, source)
+
+    async def _refused(self, store: SessionStore, rej: Rejected, key: bytes | None,
+                       value: bytes | None, source: SourceRef | None) -> Outcome:
+        dead = dead_letter_for(rej, key, value, source or SourceRef(topic="", partition=-1, offset=-1))
+        if not rej.addressable:
+            return Outcome(None, dead_letter=dead)
+        # its state lives on this partition only when the key is its session id: remember the deny
+        keyed = bool(key) and key.decode("utf-8", "replace") == rej.session_id
+        try:
+            out = await self.reject(store, rej, source, remember=keyed)
+        except Exception:  # noqa: BLE001 - the store failed too: the deny is still owed
+            log.exception("could not remember the deny of %s", source)
+            out = Outcome(rejected_verdict(rej, source))
+        out.dead_letter = dead
+        return out
+
+    async def reject(self, store: SessionStore, rejected: Rejected, source: SourceRef | None,
+                     remember: bool = True) -> Outcome:
+        """A deny for a record that is not a valid batch, remembered like any verdict so that a
+        redelivery repeats it (and a batch id that already has a verdict keeps it). With
+        ``remember=False`` (a record not keyed by its session id) a deny that is only sent."""
+        verdict = rejected_verdict(rejected, source)
+        if not remember:
+            return Outcome(verdict)
+        sid, bid = verdict.session_id, verdict.batch_id
+        head = store.head(sid)
+        known = store.known_verdict(head, sid, bid)
+        if known is not None:
+            return Outcome(Verdict.model_validate(known), new=False)
+        return Outcome(self._remember(store, head, verdict, seq=None))
+
+    async def evaluate(self, store: SessionStore, batch: EventBatch,
+                       source: SourceRef | None) -> Outcome:
+        """The verdict for a batch; ``new`` is False for a repeat of a known batch id. After an
+        ``end_session`` batch's verdict, whatever it is, the session's state is removed."""
+        out = await self._evaluate(store, batch, source)
+        if batch.end_session and out.new:
+            store.delete_session(batch.session_id)
+            out.ended = True
+        return out
+
+    async def _evaluate(self, store: SessionStore, batch: EventBatch,
+                        source: SourceRef | None) -> Outcome:
+        head = store.head(batch.session_id)
+        known = store.known_verdict(head, batch.session_id, batch.batch_id)
+        if known is not None:
+            return Outcome(Verdict.model_validate(known), new=False, events=len(batch.events))
+        started = time.perf_counter()
+        fields: dict[str, Any] = {"session_id": batch.session_id, "batch_id": batch.batch_id,
+                                  "seq": batch.seq, "source": source}
+        n = len(batch.events)
+        try:
+            policy: LoadedPolicy = self.policies.resolve(batch.policy)
+        except KeyError as exc:
+            verdict = Verdict(decision="deny", reason=str(exc.args[0]), policy_id=batch.policy, **fields)
+            return Outcome(self._remember(store, head, verdict), events=n)
+        engine = self.engines[policy.policy_id]
+        fields.update(policy_id=policy.policy_id, policy_sha256=policy.sha256, engine=engine.name)
+
+        if batch.seq is not None and head.last_seq is not None and batch.seq <= head.last_seq:
+            verdict = Verdict(decision="deny", reason=(
+                f"out of order: seq {batch.seq} arrived after seq {head.last_seq} of this session"),
+                **fields)
+            # a stale seq does not move the session's last seq
+            return Outcome(self._remember(store, head, verdict, seq=None), events=n)
+
+        result = None
+        reason = None
+        budget = self.settings.budget_ms
+        try:
+            state = store.engine_state(head, policy.policy_id, engine.name, batch.session_id)
+            deadline = None if budget is None else started + budget / 1000.0
+            result = await engine.check(state, batch.trace(), deadline=deadline)
+        except StateCorrupted as exc:
+            log.error("%s", exc)
+            reason = f"the session's stored state is damaged: {exc}"
+        except BudgetExceeded:
+            reason = f"{BUDGET_REASON} of {budget:g} ms"
+        except EngineError as exc:
+            reason = f"{ERROR_REASON}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any failure of a check fails closed
+            log.exception("policy check failed")
+            reason = f"{FAILED_REASON}: {type(exc).__name__}: {exc}"
+        eval_ms = (time.perf_counter() - started) * 1000.0
+
+        if result is None:
+            decision = "deny" if self.settings.fail_closed else "allow"
+            verdict = Verdict(decision=decision, reason=reason, eval_ms=eval_ms, **fields)
+            return Outcome(self._remember(store, head, verdict), events=n)
+
+        violations = [Violation.from_match(m, batch.session_id, policy.sha256) for m in result.matches]
+        cap = self.settings.max_verdict_violations
+        verdict = Verdict(decision="deny" if violations else "allow", violations=violations[:cap],
+                          eval_ms=eval_ms, violations_omitted=max(0, len(violations) - cap), **fields)
+        joins = joins_past(verdict, self.settings.keep_denied)
+        self._remember(
+            store, head, verdict,
+            policy_id=policy.policy_id if joins else None,
+            new_state=result.advance(state) if joins else None,
+            appended=result.appended if joins else None,
+        )
+        return Outcome(verdict, omitted=tuple(violations[cap:]), joined=joins, events=n)
+
+    @staticmethod
+    def _remember(store: SessionStore, head: SessionHead, verdict: Verdict, seq: int | None = _SAME,
+                  **state: Any) -> Verdict:
+        """Commit ``verdict`` (and, in ``state``, the session state it brings) for its batch."""
+        store.commit(verdict.session_id, head, verdict.batch_id, verdict.model_dump(mode="json"),
+                     seq=verdict.seq if seq is _SAME else seq, **state)
+        return verdict
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
