@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars browser demo test test-unit bench-engine bench-replay bench-replay-instructions broker-start broker-stop clean
+.PHONY: install jars browser demo test test-unit bench-engine bench-live chaos bench-replay bench-replay-instructions broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -33,6 +33,14 @@ test-unit: $(STAMP)
 
 bench-engine: $(STAMP)
 	$(BIN)/python bench/engine.py
+
+# the live path: latency at offered loads, a backlog's throughput, the runtime's bare ceiling
+bench-live: jars
+	$(BIN)/python bench/live.py
+
+# workers killed, the broker restarted, rebalances: nothing lost, nothing contradicted (both guarantees)
+chaos: jars
+	$(BIN)/python bench/chaos.py
 
 bench-replay: $(STAMP)
 	$(BIN)/python bench/replay.py

@@ -214,7 +214,8 @@ class LocalBroker:
     """
 
     def __init__(self, data_dir: str | Path | None = None, port: int | None = None,
-                 version: str = KAFKA_VERSION, heap: str = "768m", partitions: int = 1) -> None:
+                 version: str = KAFKA_VERSION, heap: str = "768m", partitions: int = 1,
+                 jit: bool = False) -> None:
         self.version = version
         self.port = port or free_port()
         self.controller_port = free_port()
@@ -224,6 +225,8 @@ class LocalBroker:
         )
         self.heap = heap
         self.partitions = partitions
+        # the C1-only JIT starts in half the time; benchmarks want the full JIT's steady state
+        self.jit = jit
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -264,7 +267,7 @@ class LocalBroker:
         libs = fetch_jars(self.version)
         return [
             _java(), f"-Xms{self.heap}", f"-Xmx{self.heap}", "-XX:+UseG1GC",
-            "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true",
+            *([] if self.jit else ["-XX:TieredStopAtLevel=1"]), "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.xml'}",
             f"-Dkafka.logs.dir={self.data_dir}",
             "-cp", f"{libs}/*", main, *args,
@@ -281,6 +284,15 @@ class LocalBroker:
         )
         if fmt.returncode != 0:
             raise BrokerError(f"formatting Kafka storage failed:\n{fmt.stdout}{fmt.stderr}")
+        self._launch(cfg, timeout)
+        try:
+            warm_up_group_coordinator(self.bootstrap_servers)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self, cfg: Path, timeout: float) -> None:
         log = self.data_dir / "broker.log"
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
@@ -289,10 +301,18 @@ class LocalBroker:
             )
         try:
             wait_until_ready(self.bootstrap_servers, timeout, self.proc, log)
-            warm_up_group_coordinator(self.bootstrap_servers)
         except BaseException:
             self.stop()
             raise
+
+    def restart(self, down_for: float = 0.0, timeout: float = 90.0) -> "LocalBroker":
+        """Stop the broker (a clean shutdown), wait ``down_for`` seconds, start it again on the same
+        ports and data: what a rolling restart looks like to clients (the chaos test uses it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            proc = self.proc
+            _terminate(proc.pid, 60, lambda: proc.poll() is not None)
+        time.sleep(down_for)
+        self._launch(self.data_dir / "server.properties", timeout)
         return self
 
     def info(self) -> BrokerInfo:

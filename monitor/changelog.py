@@ -34,6 +34,8 @@ import uuid
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
+from pydantic_core import to_json
+
 log = logging.getLogger("agent_monitor.changelog")
 
 _MISSING: Any = object()
@@ -42,7 +44,15 @@ Send = Callable[[str, int, "bytes | None"], None]
 
 
 def encode(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """A value as its changelog record: bytes are taken as JSON already (a verdict the worker
+    serialised once for its topic), anything else is serialised (pydantic-core: 3-5x json's speed).
+
+    >>> encode({"a": [1, "é"]}), encode(b'{"x":1}')
+    (b'{"a":[1,"\xc3\xa9"]}', b'{"x":1}')
+    """
+    if type(value) is bytes:
+        return value
+    return to_json(value)
 
 
 class RestoreTimeout(RuntimeError):
@@ -182,7 +192,7 @@ def restore(bootstrap: str, topic: str, partitions: list[int], timeout: float = 
                 raise RestoreTimeout(
                     f"changelog {topic} partitions {sorted(ends)} not read to their end within "
                     f"{timeout:g}s (an open transaction of a stopped worker?)")
-            for m in consumer.consume(10_000, 0.5):
+            for m in take(consumer, 10_000, 0.5):
                 err = m.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
@@ -201,6 +211,15 @@ def restore(bootstrap: str, topic: str, partitions: list[int], timeout: float = 
     finally:
         consumer.close()
     return out
+
+
+def take(consumer: Any, n: int, timeout: float) -> list[Any]:
+    """Up to ``n`` records: waits up to ``timeout`` for the first, then takes what is already
+    fetched. (``consume(n, timeout)`` alone waits until ``n`` records or the whole timeout.)"""
+    first = consumer.poll(timeout)
+    if first is None:
+        return []
+    return [first, *consumer.consume(n - 1, 0)] if n > 1 else [first]
 
 
 def _watermarks(consumer: Any, tp: Any, deadline: float) -> tuple[int, int]:

@@ -213,6 +213,7 @@ class Outcome:
     # still gets its alert
     omitted: tuple[Violation, ...] = ()
     joined: bool = False  # the batch joined the session's past
+    verdict_json: bytes | None = None  # the verdict as committed (serialised once)
     dead_letter: DeadLetter | None = None
     events: int = 0  # events in the batch (0 for a refused record)
     ended: bool = False  # an end_session batch: the session's state is gone
@@ -225,6 +226,13 @@ class Outcome:
 
 
 _SAME: Any = object()
+
+
+def _repeat(known: bytes | dict[str, Any], events: int) -> Outcome:
+    """The stored verdict of a batch id seen before, to send again as it was."""
+    if type(known) is bytes:
+        return Outcome(Verdict.model_validate_json(known), new=False, events=events, verdict_json=known)
+    return Outcome(Verdict.model_validate(known), new=False, events=events)
 
 
 class BatchEvaluator:
@@ -288,8 +296,8 @@ class BatchEvaluator:
         head = store.head(sid)
         known = store.known_verdict(head, sid, bid)
         if known is not None:
-            return Outcome(Verdict.model_validate(known), new=False)
-        return Outcome(self._remember(store, head, verdict, seq=None))
+            return _repeat(known, 0)
+        return self._remember(store, head, verdict, seq=None)
 
     async def evaluate(self, store: SessionStore, batch: EventBatch,
                        source: SourceRef | None) -> Outcome:
@@ -306,7 +314,7 @@ class BatchEvaluator:
         head = store.head(batch.session_id)
         known = store.known_verdict(head, batch.session_id, batch.batch_id)
         if known is not None:
-            return Outcome(Verdict.model_validate(known), new=False, events=len(batch.events))
+            return _repeat(known, len(batch.events))
         started = time.perf_counter()
         fields: dict[str, Any] = {"session_id": batch.session_id, "batch_id": batch.batch_id,
                                   "seq": batch.seq, "source": source}
@@ -315,7 +323,7 @@ class BatchEvaluator:
             policy: LoadedPolicy = self.policies.resolve(batch.policy)
         except KeyError as exc:
             verdict = Verdict(decision="deny", reason=str(exc.args[0]), policy_id=batch.policy, **fields)
-            return Outcome(self._remember(store, head, verdict), events=n)
+            return self._remember(store, head, verdict, events=n)
         engine = self.engines[policy.policy_id]
         fields.update(policy_id=policy.policy_id, policy_sha256=policy.sha256, engine=engine.name)
 
@@ -324,7 +332,7 @@ class BatchEvaluator:
                 f"out of order: seq {batch.seq} arrived after seq {head.last_seq} of this session"),
                 **fields)
             # a stale seq does not move the session's last seq
-            return Outcome(self._remember(store, head, verdict, seq=None), events=n)
+            return self._remember(store, head, verdict, seq=None, events=n)
 
         result = None
         reason = None
@@ -348,28 +356,30 @@ class BatchEvaluator:
         if result is None:
             decision = "deny" if self.settings.fail_closed else "allow"
             verdict = Verdict(decision=decision, reason=reason, eval_ms=eval_ms, **fields)
-            return Outcome(self._remember(store, head, verdict), events=n)
+            return self._remember(store, head, verdict, events=n)
 
         violations = [Violation.from_match(m, batch.session_id, policy.sha256) for m in result.matches]
         cap = self.settings.max_verdict_violations
         verdict = Verdict(decision="deny" if violations else "allow", violations=violations[:cap],
                           eval_ms=eval_ms, violations_omitted=max(0, len(violations) - cap), **fields)
         joins = joins_past(verdict, self.settings.keep_denied)
-        self._remember(
-            store, head, verdict,
+        out = self._remember(
+            store, head, verdict, events=n,
             policy_id=policy.policy_id if joins else None,
             new_state=result.advance(state) if joins else None,
             appended=result.appended if joins else None,
         )
-        return Outcome(verdict, omitted=tuple(violations[cap:]), joined=joins, events=n)
+        out.omitted, out.joined = tuple(violations[cap:]), joins
+        return out
 
     @staticmethod
     def _remember(store: SessionStore, head: SessionHead, verdict: Verdict, seq: int | None = _SAME,
-                  **state: Any) -> Verdict:
+                  events: int = 0, **state: Any) -> Outcome:
         """Commit ``verdict`` (and, in ``state``, the session state it brings) for its batch."""
-        store.commit(verdict.session_id, head, verdict.batch_id, verdict.model_dump(mode="json"),
+        raw = verdict.model_dump_json().encode()
+        store.commit(verdict.session_id, head, verdict.batch_id, raw,
                      seq=verdict.seq if seq is _SAME else seq, **state)
-        return verdict
+        return Outcome(verdict, events=events, verdict_json=raw)
 
     def close(self) -> None:
         for engine in self.engines.values():

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from monitor.changelog import ChangelogTable, restore
+from monitor.changelog import ChangelogTable, restore, take
 
 log = logging.getLogger("agent_monitor.runtime")
 
@@ -273,7 +273,7 @@ class Runtime:
             while not self._stop.is_set():
                 now = time.monotonic()
                 wait = max(0.0, min(next_tick - now, (next_commit - now) if self._dirty else 0.5))
-                msgs = self.consumer.consume(c.max_batch, wait)
+                msgs = take(self.consumer, c.max_batch, wait)
                 if msgs:
                     records = self._records(msgs)
                     if records:

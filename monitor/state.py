@@ -109,8 +109,9 @@ class SessionStore:
             return mine[1]
         return SessionHead.model_validate(raw)
 
-    def known_verdict(self, head: SessionHead, session_id: str, batch_id: str) -> dict[str, Any] | None:
-        """The verdict this batch already got, if it is among the remembered recent batches."""
+    def known_verdict(self, head: SessionHead, session_id: str, batch_id: str) -> bytes | dict[str, Any] | None:
+        """The verdict this batch already got, if it is among the remembered recent batches: its
+        JSON as committed, or (read back from a changelog) the parsed JSON."""
         if batch_id not in head.recent:
             return None
         return self.verdicts.get(verdict_key(session_id, batch_id))
@@ -151,7 +152,7 @@ class SessionStore:
             n += self.verdicts.pop(verdict_key(session_id, bid), None) is not None
         return n
 
-    def commit(self, session_id: str, head: SessionHead, batch_id: str, verdict: dict[str, Any],
+    def commit(self, session_id: str, head: SessionHead, batch_id: str, verdict: bytes | dict[str, Any],
                seq: int | None = None, policy_id: str | None = None,
                new_state: SessionState | None = None, appended: list[Any] | None = None) -> SessionHead:
         """Record a batch's verdict and, when it joins the past, its state; the head goes last."""

@@ -125,7 +125,7 @@ class MonitorProcessor:
         if verdict is None:
             return
         vkey = verdict.session_id.encode()
-        sink.produce(self.topics.verdicts, vkey, verdict.model_dump_json().encode())
+        sink.produce(self.topics.verdicts, vkey, outcome.verdict_json or verdict.model_dump_json().encode())
         for alert in outcome.alerts():
             sink.produce(self.topics.alerts, vkey, alert.model_dump_json().encode())
             if metrics:
