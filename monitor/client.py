@@ -257,6 +257,8 @@ class _VerdictListener:
             "group.id": f"agent-monitor-client-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "auto.offset.reset": "latest",
+            # a worker under exactly-once publishes in transactions: only committed verdicts count
+            "isolation.level": "read_committed",
             "fetch.wait.max.ms": 50,
             "logger": _KAFKA_LOG,
             **self.config,
@@ -648,6 +650,7 @@ class RecordConsumer(Generic[M]):
             "group.id": f"agent-monitor-reader-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest" if self.from_beginning else "latest",
+            "isolation.level": "read_committed",
             "logger": _KAFKA_LOG,
             **self.config,
         })

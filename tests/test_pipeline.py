@@ -329,3 +329,30 @@ def test_a_session_of_10000_events_and_10_mb(kafka_bootstrap, topic_prefix, tmp_
     state = raw_values(kafka_bootstrap, t.state)
     assert state, "the worker wrote no state"
     assert max(len(v) for v in state) < 100_000, "a state record grew with the session"
+
+
+def test_exactly_once_verdicts_are_transactional_and_the_sdk_reads_them(kafka_bootstrap, topic_prefix, tmp_path):
+    from confluent_kafka import Consumer, TopicPartition
+
+    from monitor.client import MonitorClient
+
+    t = topics(topic_prefix)
+    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW), guarantee="exactly-once"):
+        with MonitorClient(kafka_bootstrap, topic_prefix) as client:
+            assert client.check("s", [USER_SEND], timeout=60).decision == "allow"
+            denied = client.check("s", [SEND_EMAIL], timeout=60)
+        assert denied.decision == "deny" and denied.violations[0].addresses[-1] == "messages.1"
+        more = [batch(f"m{i % 7}", [USER_SEND if i % 3 else SEND_EMAIL], f"b{i}") for i in range(60)]
+        produce_batches(kafka_bootstrap, t.events, more)
+        verdicts = consume_covering(kafka_bootstrap, t.verdicts, {(b.session_id, b.batch_id) for b in more})
+    assert len(verdicts) == 62, "exactly one verdict per batch"
+    # transaction markers take offsets: a partition's end is past its last committed record
+    c = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "x", "isolation.level": "read_committed"})
+    try:
+        parts = {v["_partition"] for v in verdicts}
+        for p in parts:
+            high = c.get_watermark_offsets(TopicPartition(t.verdicts, p), timeout=10)[1]
+            last = max(v["_offset"] for v in verdicts if v["_partition"] == p)
+            assert high > last + 1, "verdicts were not written in transactions"
+    finally:
+        c.close()

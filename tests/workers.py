@@ -226,27 +226,32 @@ class Tail:
 
 def consume_covering(bootstrap: str, topic: str, keys: set[tuple[str, str]], timeout: float = 120.0
                      ) -> list[dict]:
-    """Read verdict-like records from the beginning until every ``(session_id, batch_id)`` in
-    ``keys`` was seen (duplicates can arrive first, so a count is not enough), then to the end."""
+    """Read verdict-like records (committed ones) from the beginning until every
+    ``(session_id, batch_id)`` in ``keys`` was seen (duplicates can arrive first, so a count is not
+    enough), then to the end of every partition."""
+    from confluent_kafka import KafkaError
+
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                  "isolation.level": "read_committed", "enable.partition.eof": True})
     parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
     c.assign([TopicPartition(topic, p, 0) for p in parts])
     out: list[dict] = []
     missing = set(keys)
-    position = {p: 0 for p in parts}
+    at_end: set[int] = set()  # partitions whose last event was their end
     deadline = time.monotonic() + timeout
-    ends: dict[int, int] | None = None
     try:
         while time.monotonic() < deadline:
-            if not missing and ends is None:
-                ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
-            if ends is not None and all(position[p] >= ends[p] for p in parts):
+            if not missing and len(at_end) == len(parts):
                 break
             m = c.poll(0.2)
-            if m is None or m.error():
+            if m is None:
                 continue
-            position[m.partition()] = m.offset() + 1
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add(m.partition())
+                continue
+            at_end.discard(m.partition())
             rec = json.loads(m.value())
             rec["_partition"], rec["_offset"] = m.partition(), m.offset()
             out.append(rec)
