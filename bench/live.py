@@ -39,7 +39,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("LOCAL_POLICY", "1")
 
-from traffic import POLICY, Sessions, VerdictReader, account, paced, percentile, produce_all  # noqa: E402
+from traffic import (  # noqa: E402
+    POLICY,
+    Sessions,
+    VerdictReader,
+    account,
+    paced,
+    percentile,
+    produce_all,
+    producer,
+)
 
 READY = "ready"
 RATES = (100, 500, 1000, 2000)
@@ -108,13 +117,14 @@ def offered(bootstrap: str, prefix: str, policy: Path, guarantee: str, seconds: 
         worker.wait_ready()
         reader = VerdictReader(bootstrap, topics.verdicts)
         try:
-            # warm-up (not counted): the broker's JIT, the worker's first sessions
-            warm = paced(bootstrap, topics.events, sessions, 100, 5.0, {})
+            # warm-up (not counted): the producer's connection, the broker's JIT, first sessions
+            gen = producer(bootstrap)
+            warm = paced(gen, topics.events, sessions, 100, 5.0, {})
             reader.wait_for({(b.session_id, b.batch_id) for b in warm}, 60)
             sent.extend(warm)
             for rate in RATES:
                 batches_per_s = rate / EVENTS_PER_BATCH
-                phase = paced(bootstrap, topics.events, sessions, batches_per_s, seconds, sent_at)
+                phase = paced(gen, topics.events, sessions, batches_per_s, seconds, sent_at)
                 keys = {(b.session_id, b.batch_id) for b in phase}
                 done = reader.wait_for(keys, 60)
                 sent.extend(phase)

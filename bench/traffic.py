@@ -106,11 +106,13 @@ def produce_all(bootstrap: str, topic: str, batches: Iterator[Batch]) -> list[Ba
     return sent
 
 
-def paced(bootstrap: str, topic: str, sessions: Sessions, per_second: float, seconds: float,
+def paced(p: Any, topic: str, sessions: Sessions, per_second: float, seconds: float,
           sent_at: dict[tuple[str, str], float]) -> list[Batch]:
     """Publish ``per_second`` batches for ``seconds`` on a fixed schedule (open loop: a slow
-    consumer does not slow the offered load); ``sent_at`` gets each batch's send time."""
-    p = producer(bootstrap)
+    consumer does not slow the offered load); ``sent_at`` gets each batch's send time.
+
+    ``p`` is a producer made by :func:`producer` and used before: a new one spends its first half
+    second connecting and getting its idempotent producer id, which would count as latency."""
     sent = []
     start = time.perf_counter()
     n = int(per_second * seconds)

@@ -97,10 +97,17 @@ class BatchMetadata(_Open):
     user: str | None = None
 
 
+# the JSON Schema says what the validator below says: no events only with end_session
+_EVENTS_UNLESS_END = {
+    "if": {"properties": {"end_session": {"const": True}}, "required": ["end_session"]},
+    "else": {"properties": {"events": {"minItems": 1}}, "required": ["events"]},
+}
+
+
 class EventBatch(BaseModel):
     """One pending batch of events of one session; the record on ``agent.events``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_EVENTS_UNLESS_END)
 
     schema_version: Literal[1] = SCHEMA_VERSION
     session_id: str = Field(min_length=1, max_length=512)

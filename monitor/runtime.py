@@ -154,6 +154,7 @@ class Runtime:
         self._txn_start: dict[int, int] = {}  # per partition: position when the transaction began
         self._delivery_errors: list[str] = []
         self._dirty = False
+        self._last_commit = time.monotonic()
         self.consumer: Any = None
         self.producer: Any = None
         self.table: ChangelogTable | None = None
@@ -287,10 +288,11 @@ class Runtime:
                     self._begin()
                     self.processor.tick(self, now)
                 if self._dirty and now >= next_commit:
-                    self._commit()
-                    next_commit = time.monotonic() + interval
+                    # put off while outputs are in flight: look again in a millisecond
+                    next_commit = time.monotonic() + (interval if self._commit() else 0.001)
                 elif not self._dirty:
                     next_commit = now + interval
+                    self._last_commit = now  # nothing uncommitted as of now
             self._commit(sync=True)
         finally:
             try:
@@ -342,14 +344,22 @@ class Runtime:
         return [TopicPartition(topic, p, off) for p, off in self.positions.items()
                 if self.committed.get(p) != off]
 
-    def _commit(self, sync: bool = False) -> None:
+    def _commit(self, sync: bool = False) -> bool:
+        """Commit what was processed; False when (at-least-once, not ``sync``) outputs are still
+        in flight and the commit was put off rather than wait for them."""
         if self.config.exactly_once:
             self._commit_transaction()
-            return
+            return True
         if not self._dirty and not sync:
-            return
+            return True
         # every output and state write of the records processed so far is acknowledged before
-        # their offsets are: a crash between the two redelivers, never loses
+        # their offsets are: a crash between the two redelivers, never loses. Waiting for the
+        # acknowledgements would hold the records arriving meanwhile, so a commit waits for a
+        # moment with nothing in flight (under steady load there is one every few ms), and only
+        # blocks once it has been put off for a second.
+        self.producer.poll(0)
+        if not sync and len(self.producer) > 0 and time.monotonic() - self._last_commit < 1.0:
+            return False
         while self.producer.flush(1.0) > 0:
             log.warning("waiting for Kafka to acknowledge %d record(s)", len(self.producer))
         if self._delivery_errors:
@@ -361,6 +371,8 @@ class Runtime:
                 self.committed[tp.partition] = tp.offset
             self.commits += 1
         self._dirty = False
+        self._last_commit = time.monotonic()
+        return True
 
     def _commit_transaction(self) -> None:
         from confluent_kafka import KafkaException
@@ -428,6 +440,8 @@ class Runtime:
         c = self.config
         mine = sorted(tp.partition for tp in partitions if tp.topic == c.input_topic)
         if mine:
+            # what is done so far is committed first: the wait below may outlast a transaction
+            self._commit(sync=True)
             started = time.monotonic()
             if c.exactly_once:
                 # waits until an earlier owner's open transaction ends (committed or timed out):

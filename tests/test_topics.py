@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from pydantic import ValidationError
 
 from monitor.config import TopicNames
 from monitor.models import (
@@ -115,6 +116,8 @@ def test_schemas_reject_what_the_models_reject():
     verdict_schema = json.loads((SCHEMA_DIR / "Verdict.schema.json").read_text())
     bad = [
         (batch_schema, {"session_id": "s", "batch_id": "b", "events": []}),  # min 1 event
+        (batch_schema, {"session_id": "s", "batch_id": "b"}),  # no events, no end_session
+        (batch_schema, {"session_id": "s", "batch_id": "b", "events": [], "end_session": False}),
         (batch_schema, {"session_id": "s", "events": [{"role": "user"}]}),  # no batch_id
         (batch_schema, {"session_id": "s", "batch_id": "b", "events": [{"role": "robot"}]}),
         (verdict_schema, {"session_id": "s", "batch_id": "b", "decision": "maybe"}),
@@ -122,6 +125,16 @@ def test_schemas_reject_what_the_models_reject():
     for schema, record in bad:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(record, schema, cls=jsonschema.Draft202012Validator)
+
+
+def test_an_end_session_batch_may_have_no_events_in_schema_and_model():
+    schema = json.loads((SCHEMA_DIR / "EventBatch.schema.json").read_text())
+    for record in ({"session_id": "s", "batch_id": "b", "end_session": True},
+                   {"session_id": "s", "batch_id": "b", "events": [], "end_session": True}):
+        jsonschema.validate(record, schema, cls=jsonschema.Draft202012Validator)
+        assert EventBatch.model_validate(record).end_session
+    with pytest.raises(ValidationError):
+        EventBatch.model_validate({"session_id": "s", "batch_id": "b", "events": []})
 
 
 def test_message_with_extra_function_field_is_valid_in_schema_and_model():
