@@ -1,15 +1,18 @@
 """One real Kafka broker per test session, unique topic prefixes per test.
 
-The broker comes from ``KAFKA_BOOTSTRAP_SERVERS`` when set, from testcontainers when a Docker
-daemon answers, and otherwise from the project's own launcher (Kafka's jars via Maven). When none
-can be had the integration tests fail with the reason; they never skip.
+The broker comes from ``KAFKA_BOOTSTRAP_SERVERS`` when set, from a container of the locally built
+Kafka image (``make images``) when a Docker daemon answers and holds it, and otherwise from the
+project's own launcher (Kafka's jars via Maven), with a warning when a daemon answered but gave no
+broker. When none can be had the integration tests fail with the reason; they never skip.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,27 +21,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 os.environ.setdefault("LOCAL_POLICY", "1")
+log = logging.getLogger("agent_monitor.tests")
 
 
-def _docker_answers() -> bool:
-    try:
-        import docker  # testcontainers' dependency
-
-        client = docker.from_env(timeout=3)
-        client.ping()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "no daemon"
-        return False
-
-
-class BrokerUnavailable(RuntimeError):
-    pass
+_broker_warnings: list[str] = []
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap() -> str:
-    """Bootstrap servers of the session's broker."""
-    from monitor.broker import BrokerError, LocalBroker, wait_until_ready
+def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Bootstrap servers of the session's broker (see tests/broker_choice.py for the order)."""
+    from broker_choice import BrokerUnavailable, kafka_container, launcher_broker, probe_docker, session_broker
+
+    from monitor.broker import BrokerError, wait_until_ready
 
     env = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     if env:
@@ -46,25 +40,32 @@ def kafka_bootstrap() -> str:
             wait_until_ready(env, timeout=30)
         except BrokerError as exc:
             pytest.fail(f"KAFKA_BOOTSTRAP_SERVERS={env} is set but no broker answers there: {exc}")
-        yield env
-        return
-    if _docker_answers():
-        from testcontainers.kafka import KafkaContainer
 
-        with KafkaContainer("apache/kafka:4.1.1").with_kraft() as kafka:
-            yield kafka.get_bootstrap_server()
-        return
+    def warn(message: str) -> None:
+        log.warning("%s", message)
+        _broker_warnings.append(message)
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:
+            # now, not only in the summary: the launcher takes a while to start
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"WARNING kafka_bootstrap: {message}", yellow=True)
+
+    broker = session_broker(env, probe_docker, kafka_container, launcher_broker, warn)
     try:
-        broker = LocalBroker(heap="1g").start(timeout=120)
-    except BrokerError as exc:
-        pytest.fail(
-            "no Kafka broker for the integration tests: KAFKA_BOOTSTRAP_SERVERS is not set, no Docker "
-            f"daemon answers, and the local launcher failed: {exc}"
-        )
+        bootstrap = broker.__enter__()
+    except BrokerUnavailable as exc:
+        pytest.fail(str(exc))
     try:
-        yield broker.bootstrap_servers
+        yield bootstrap
     finally:
-        broker.stop()
+        broker.__exit__(None, None, None)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # noqa: ARG001 - pytest's hook signature
+    # the warning is printed when the broker starts too, but among the progress dots it is easy to miss
+    for message in _broker_warnings:
+        terminalreporter.write_line(f"WARNING kafka_bootstrap: {message}", yellow=True)
 
 
 @pytest.fixture
