@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars browser demo test test-unit bench-engine bench-replay bench-replay-instructions broker-start broker-stop clean
+.PHONY: install jars browser docker-tools images demo test test-unit bench-engine bench-replay bench-replay-instructions broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -21,6 +21,15 @@ jars: $(STAMP)
 # Debian's chromium: the HTML report test renders the report in a real headless browser
 browser:
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+# Debian's docker.io (dockerd, its BuildKit) and debootstrap: `make images` builds every base image
+# here, since no image registry is reachable
+docker-tools:
+	command -v dockerd >/dev/null && command -v debootstrap >/dev/null || (apt-get update && apt-get install -y docker.io debootstrap)
+
+# the images docker-compose.yml runs, built locally (deploy/local/images.py); starts dockerd if none answers
+images: $(STAMP) docker-tools
+	deploy/local/with-dockerd $(BIN)/python -m deploy.local.images
 
 demo: jars
 	$(BIN)/agent-monitor demo
