@@ -19,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(1, str(ROOT))  # deploy.local: the local images and the compose plan
 
 os.environ.setdefault("LOCAL_POLICY", "1")
 log = logging.getLogger("agent_monitor.tests")
@@ -79,3 +80,4 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+
