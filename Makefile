@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars browser docker-tools images demo test test-unit bench-engine bench-replay bench-replay-instructions broker-start broker-stop clean
+.PHONY: install jars browser docker-tools images test-containers demo test test-unit bench-engine bench-replay bench-replay-instructions broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -30,6 +30,12 @@ docker-tools:
 # the images docker-compose.yml runs, built locally (deploy/local/images.py); starts dockerd if none answers
 images: $(STAMP) docker-tools
 	deploy/local/with-dockerd $(BIN)/python -m deploy.local.images
+
+# docker-compose.yml's stack in containers (tests/containers): images rebuilt from the working tree,
+# then Kafka, topics, two workers, Prometheus, the sample sessions from the host; not part of `make test`
+test-containers: $(STAMP) docker-tools
+	start=$$(date +%s); deploy/local/with-dockerd sh -c '$(BIN)/python -m deploy.local.images && $(BIN)/python -m pytest -q --containers tests/containers tests/test_local_stack.py'; rc=$$?; \
+	echo "make test-containers: exit $$rc after $$(( $$(date +%s) - start ))s"; exit $$rc
 
 demo: jars
 	$(BIN)/agent-monitor demo

@@ -20,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(1, str(ROOT))  # deploy.local: the local images and the compose plan
+CONTAINERS = ROOT / "tests" / "containers"
 
 os.environ.setdefault("LOCAL_POLICY", "1")
 log = logging.getLogger("agent_monitor.tests")
@@ -81,3 +82,15 @@ def pytest_collection_modifyitems(config, items):
         if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--containers", action="store_true", default=False,
+                     help="collect tests/containers: docker-compose.yml's stack in containers "
+                          "(`make test-containers`; needs a Docker daemon and `make images`)")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    # the container tests need Docker and built images: only `make test-containers` collects them
+    if not config.getoption("--containers") and (collection_path == CONTAINERS or CONTAINERS in collection_path.parents):
+        return True
+    return None

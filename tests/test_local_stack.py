@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -212,10 +213,13 @@ def test_the_kafka_image_reads_the_compose_environment_as_apache_kafka_does(plan
     assert len(props) == len(kafka_vars)
 
 
-def test_the_test_fixture_uses_this_plan():
+def test_the_test_fixture_and_the_container_tests_use_this_plan():
     from broker_choice import LOCAL_KAFKA_IMAGE, kafka_container_env
 
     assert LOCAL_KAFKA_IMAGE == images.KAFKA_IMAGE
     env = kafka_container_env(40000)
     kafka = local_plan(ENV).services["kafka"].environment
     assert {k for k in env if env[k] != kafka[k]} == {"KAFKA_ADVERTISED_LISTENERS"}
+    source = (ROOT / "tests" / "containers" / "test_stack.py").read_text()
+    assert re.search(r"\blocal_plan\(environment_for_tests\(TOKEN\)\)", source)
+    assert "Stack(plan" in source
