@@ -140,8 +140,8 @@ def kafka_container(image: str = LOCAL_KAFKA_IMAGE, timeout: float = 120.0) -> I
     # bound to loopback, as the compose file publishes it (with_bind_ports takes no address)
     container.ports[f"{HOST_LISTENER_PORT}/tcp"] = ("127.0.0.1", port)
     bootstrap = f"127.0.0.1:{port}"
-    container.start()
     try:
+        container.start()  # inside the try: a container created but not started is removed too
         _wait_for_container_broker(container, bootstrap, timeout)
         yield bootstrap
     finally:

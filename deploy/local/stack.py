@@ -386,10 +386,15 @@ class Stack:
             for dep, condition in service.depends_on.items():
                 self.wait_for(dep, condition)
             self.log(f"starting {name} ({service.image}, {service.replicas} replica(s))")
-            self.containers[name] = [self._start(service, cname) for cname in service.container_names(self.project)]
+            # registered before it starts: down() must find a container whose start failed half-way
+            self.containers[name] = []
             self._order.append(name)
+            for cname in service.container_names(self.project):
+                container = self._container(service, cname)
+                self.containers[name].append(container)
+                container.start()
 
-    def _start(self, service: ServicePlan, container_name: str) -> Any:
+    def _container(self, service: ServicePlan, container_name: str) -> Any:
         from docker.types import Mount as DockerMount
         from testcontainers.core.container import DockerContainer
 
@@ -419,13 +424,18 @@ class Stack:
         for p in service.ports:
             # bound to the compose file's address (with_bind_ports takes no address)
             container.ports[f"{p.container_port}/{p.protocol}"] = (p.host_ip, p.host_port)
-        return container.start()
+        return container
 
     def wrapped(self, service: str) -> list[Any]:
         """The docker SDK's containers of a service, freshly inspected."""
+        from testcontainers.core.exceptions import ContainerStartException
+
         out = []
         for c in self.containers[service]:
-            w = c.get_wrapped_container()
+            try:
+                w = c.get_wrapped_container()
+            except ContainerStartException:  # its creation failed: nothing to inspect
+                continue
             w.reload()
             out.append(w)
         return out

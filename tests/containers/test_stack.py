@@ -10,6 +10,7 @@ Nothing here skips: no daemon or no image fails with what to do.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local import images
-from deploy.local.stack import Stack, StackPlan, environment_for_tests, leftovers, local_plan
+from deploy.local.stack import RUN_LABEL, Stack, StackPlan, environment_for_tests, leftovers, local_plan
 from monitor.client import MonitorClient
 from monitor.models import Verdict
 from monitor.samples import SampleSession, load_samples
@@ -94,6 +95,25 @@ def _wait_for_workers(stack: Stack, timeout: float = 180.0) -> None:
             pytest.fail(f"the workers printed no {READY!r} within {timeout:.0f}s:\n{stack.logs('worker')}",
                         pytrace=False)
         time.sleep(1)
+
+
+# -- first, while the stack is not up: a stack that fails half-way ----------------------------------
+
+def test_a_stack_that_fails_half_way_leaves_nothing_behind(plan: StackPlan, docker_client):
+    broken = copy.deepcopy(plan)
+    # the second replica cannot publish the host port the first holds: it is created, then fails to start
+    broken.services["kafka"].replicas = 2
+    s = Stack(broken, log=lambda _line: None)
+    try:
+        with pytest.raises(Exception, match="port is already allocated|address already in use"):
+            s.up()
+        assert len(s.containers["kafka"]) == 2
+    finally:
+        s.down()
+    label = f"{RUN_LABEL}={s.project}"
+    assert not docker_client.containers.list(all=True, filters={"label": label})
+    assert not docker_client.networks.list(filters={"label": label})
+    assert not docker_client.volumes.list(filters={"label": label})
 
 
 # -- the worker image --------------------------------------------------------------------------------
