@@ -1,5 +1,6 @@
-"""Structure of docker-compose.yml and deploy/: no Docker engine runs here, so the files are checked
-against each other, against topics/topics.toml and against the metrics the worker really exports."""
+"""Structure of docker-compose.yml and deploy/, with no Docker: the files are checked against each
+other, against topics/topics.toml and against the metrics the worker really exports. The stack
+itself runs in `make test-containers` (tests/containers), from the local images of `make images`."""
 
 from __future__ import annotations
 
