@@ -30,7 +30,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from monitor.broker import KAFKA_VERSION, LOG4J_VERSION, SLF4J_VERSION, _POM, cache_dir, fetch_jars
+from monitor.broker import KAFKA_VERSION, LOG4J_VERSION, SLF4J_VERSION, _POM, BrokerError, cache_dir, fetch_jars
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -197,7 +197,10 @@ def kafka_image_jars(version: str = KAFKA_VERSION) -> Path:
 
 
 def build_kafka(docker: list[str]) -> None:
-    libs = kafka_image_jars()
+    try:
+        libs = kafka_image_jars()
+    except BrokerError as exc:  # Maven missing or failing: reported like every other build failure
+        raise ImageError(str(exc)) from None
     with tempfile.TemporaryDirectory(prefix="agent-monitor-kafka-ctx-", dir="/var/tmp") as tmp:
         ctx = Path(tmp) / "ctx"
         shutil.copytree(HERE / "kafka", ctx)

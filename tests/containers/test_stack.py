@@ -321,6 +321,26 @@ def test_prometheus_scrapes_both_workers_with_the_secret_token(stack: Stack, pla
         time.sleep(2)
 
 
+def test_prometheus_evaluates_every_alert_rule_without_error(stack: Stack):
+    """deploy/alert-rules.yml loaded by a real Prometheus, each rule evaluated against the workers' metrics."""
+    import yaml
+
+    rules_file = yaml.safe_load((ROOT / "deploy" / "alert-rules.yml").read_text())
+    wanted = {r["alert"] for g in rules_file["groups"] for r in g["rules"]}
+    deadline = time.monotonic() + 60  # evaluation_interval is 15 s
+    while True:
+        rules = {r["name"]: r for g in _prometheus("/api/v1/rules")["data"]["groups"] for r in g["rules"]}
+        assert set(rules) == wanted
+        if all(r["health"] == "ok" for r in rules.values()):
+            return
+        bad = {n: (r["health"], r.get("lastError")) for n, r in rules.items() if r["health"] == "err"}
+        assert not bad, f"alert rules that Prometheus cannot evaluate: {bad}"
+        if time.monotonic() > deadline:
+            pytest.fail(f"Prometheus evaluated not every rule within 60 s: "
+                        f"{ {n: r['health'] for n, r in rules.items()} }", pytrace=False)
+        time.sleep(2)
+
+
 # -- last: stopping ------------------------------------------------------------------------------------
 
 def test_workers_stop_cleanly_within_their_grace_period(stack: Stack, plan: StackPlan):
