@@ -83,14 +83,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--containers", action="store_true", default=False,
-                     help="collect tests/containers: docker-compose.yml's stack in containers "
-                          "(`make test-containers`; needs a Docker daemon and `make images`)")
-
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    # the container tests need Docker and built images: only `make test-containers` collects them
-    if not config.getoption("--containers") and (collection_path == CONTAINERS or CONTAINERS in collection_path.parents):
-        return True
-    return None
+    # the container tests need Docker and the images of `make images`: collected only when named
+    # (`make test-containers` runs `pytest tests/containers`), never by a plain `pytest` or `make test`
+    if not (collection_path == CONTAINERS or CONTAINERS in collection_path.parents):
+        return None
+    named = [(config.invocation_params.dir / a.split("::")[0]).resolve() for a in config.args]
+    return None if any(n == CONTAINERS or CONTAINERS in n.parents for n in named) else True
