@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars browser demo test test-unit bench-engine bench-live chaos bench-replay bench-replay-instructions broker-start broker-stop clean
+.PHONY: install jars browser docker-tools images test-containers demo test test-unit bench-engine bench-live chaos bench-replay bench-replay-instructions broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -21,6 +21,21 @@ jars: $(STAMP)
 # Debian's chromium: the HTML report test renders the report in a real headless browser
 browser:
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+# Debian's docker.io (dockerd, its BuildKit) and debootstrap: `make images` builds every base image
+# here, since no image registry is reachable
+docker-tools:
+	command -v dockerd >/dev/null && command -v debootstrap >/dev/null || (apt-get update && apt-get install -y docker.io debootstrap)
+
+# the images docker-compose.yml runs, built locally (deploy/local/images.py); starts dockerd if none answers
+images: $(STAMP) docker-tools
+	deploy/local/with-dockerd $(BIN)/python -m deploy.local.images
+
+# docker-compose.yml's stack in containers (tests/containers): images rebuilt from the working tree,
+# then Kafka, topics, two workers, Prometheus, the sample sessions from the host; not part of `make test`
+test-containers: $(STAMP) docker-tools
+	start=$$(date +%s); deploy/local/with-dockerd sh -c '$(BIN)/python -m deploy.local.images && $(BIN)/python -m pytest -q tests/containers tests/test_local_stack.py'; rc=$$?; \
+	echo "make test-containers: exit $$rc after $$(( $$(date +%s) - start ))s"; exit $$rc
 
 demo: jars
 	$(BIN)/agent-monitor demo

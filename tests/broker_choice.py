@@ -17,11 +17,13 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from monitor.broker import KAFKA_VERSION, BrokerError, free_port, wait_until_ready, warm_up_group_coordinator
+from deploy.local.images import KAFKA_IMAGE
+from deploy.local.stack import environment_for_tests, local_plan
+from monitor.broker import BrokerError, free_port, wait_until_ready, warm_up_group_coordinator
 
 ROOT = Path(__file__).resolve().parent.parent
 # built by `make images` (deploy/local); the compose file's apache/kafka cannot be pulled here
-LOCAL_KAFKA_IMAGE = f"agent-monitor-local/kafka:{KAFKA_VERSION}"
+LOCAL_KAFKA_IMAGE = KAFKA_IMAGE
 HOST_LISTENER_PORT = 29092  # the kafka service's HOST listener in docker-compose.yml
 
 
@@ -111,11 +113,9 @@ def _short(exc: BaseException, limit: int = 2000) -> str:
 
 
 def kafka_container_env(host_port: int) -> dict[str, str]:
-    """The compose file's Kafka settings, with the HOST listener advertised at ``host_port``."""
-    import yaml
-
-    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["kafka"]
-    env = {k: str(v) for k, v in service["environment"].items()}
+    """The compose file's Kafka settings (as `make test-containers` reads them), with the HOST
+    listener advertised at ``host_port``."""
+    env = dict(local_plan(environment_for_tests("unused")).services["kafka"].environment)
     old = f"HOST://127.0.0.1:{HOST_LISTENER_PORT}"
     assert old in env["KAFKA_ADVERTISED_LISTENERS"], "docker-compose.yml's HOST listener moved"
     env["KAFKA_ADVERTISED_LISTENERS"] = env["KAFKA_ADVERTISED_LISTENERS"].replace(
@@ -134,13 +134,14 @@ def kafka_container(image: str = LOCAL_KAFKA_IMAGE, timeout: float = 120.0) -> I
     # removes its container itself
     testcontainers_config.ryuk_disabled = True
     port = free_port()
-    container = DockerContainer(image, hostname="kafka", name=f"agent-monitor-test-kafka-{uuid.uuid4().hex[:8]}")
+    hostname = local_plan(environment_for_tests("unused")).services["kafka"].hostname
+    container = DockerContainer(image, hostname=hostname, name=f"agent-monitor-test-kafka-{uuid.uuid4().hex[:8]}")
     container.with_envs(**kafka_container_env(port))
     # bound to loopback, as the compose file publishes it (with_bind_ports takes no address)
     container.ports[f"{HOST_LISTENER_PORT}/tcp"] = ("127.0.0.1", port)
     bootstrap = f"127.0.0.1:{port}"
-    container.start()
     try:
+        container.start()  # inside the try: a container created but not started is removed too
         _wait_for_container_broker(container, bootstrap, timeout)
         yield bootstrap
     finally:

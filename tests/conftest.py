@@ -19,6 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(1, str(ROOT))  # deploy.local: the local images and the compose plan
+CONTAINERS = ROOT / "tests" / "containers"
 
 os.environ.setdefault("LOCAL_POLICY", "1")
 log = logging.getLogger("agent_monitor.tests")
@@ -79,3 +81,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    # the container tests need Docker and the images of `make images`: collected only when named
+    # (`make test-containers` runs `pytest tests/containers`), never by a plain `pytest` or `make test`
+    if not (collection_path == CONTAINERS or CONTAINERS in collection_path.parents):
+        return None
+    named = [(config.invocation_params.dir / a.split("::")[0]).resolve() for a in config.args]
+    return None if any(n == CONTAINERS or CONTAINERS in n.parents for n in named) else True

@@ -1,5 +1,6 @@
-"""Structure of docker-compose.yml and deploy/: no Docker engine runs here, so the files are checked
-against each other, against topics/topics.toml and against the metrics the worker really exports."""
+"""Structure of docker-compose.yml and deploy/, with no Docker: the files are checked against each
+other, against topics/topics.toml and against the metrics the worker really exports. The stack
+itself runs in `make test-containers` (tests/containers), from the local images of `make images`."""
 
 from __future__ import annotations
 
@@ -123,11 +124,15 @@ def test_every_image_is_pinned(compose):
         repo, sep, tag = ref.rpartition("/")[2].partition(":")
         assert sep and tag, f"{name}: image {ref} has no tag"
         assert tag != "latest" and "latest" not in ref, f"{name}: image {ref} is not pinned"
-    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
-        if line.upper().startswith("FROM "):
-            ref = line.split()[1]
-            assert ":" in ref and not ref.endswith(":latest"), line
-            assert ref.startswith("python:3.11"), line
+    # FROM lines name their base through build ARGs (`make images` passes a local one): their defaults
+    args = dict(line.split(None, 1)[1].split("=", 1) for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+                if line.upper().startswith("ARG ") and "=" in line)
+    froms = [line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.upper().startswith("FROM ")]
+    assert len(froms) == 2
+    for line in froms:
+        ref = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], line.split()[1])
+        assert ":" in ref and not ref.endswith(":latest"), line
+        assert ref.startswith("python:3.11"), line  # users get the official image by default
 
 
 def test_worker_image_tag_is_the_package_version(compose):
