@@ -154,6 +154,8 @@ class Runtime:
         self._txn_start: dict[int, int] = {}  # per partition: position when the transaction began
         self._delivery_errors: list[str] = []
         self._dirty = False
+        self._failed = False
+        self._replaced: list[float] = []  # when the transactional producer was replaced
         self._last_commit = time.monotonic()
         self.consumer: Any = None
         self.producer: Any = None
@@ -221,6 +223,16 @@ class Runtime:
                 if self.committed.get(tp.partition) == tp.offset:
                     del self.committed[tp.partition]
 
+    def _new_producer(self) -> Any:
+        from confluent_kafka import Producer
+
+        producer = Producer(self._producer_config())
+        if self.config.exactly_once:
+            # fences an earlier incarnation with the same transactional id and aborts what it
+            # left open
+            producer.init_transactions(60)
+        return producer
+
     def _delivered(self, err: Any, msg: Any) -> None:
         if err is not None:
             self._delivery_errors.append(f"{msg.topic()}: {err.str()}")
@@ -253,13 +265,10 @@ class Runtime:
 
     def run(self) -> None:
         """Consume, process, produce and commit until :meth:`stop`."""
-        from confluent_kafka import Consumer, Producer
+        from confluent_kafka import Consumer
 
         c = self.config
-        self.producer = Producer(self._producer_config())
-        if c.exactly_once:
-            # fences an earlier incarnation with the same transactional id and aborts what it left open
-            self.producer.init_transactions(60)
+        self.producer = self._new_producer()
         if c.changelog_topic:
             self.table = ChangelogTable(c.changelog_topic, self._send_changelog)
         self.processor.attach(self.table, self)
@@ -294,6 +303,9 @@ class Runtime:
                     next_commit = now + interval
                     self._last_commit = now  # nothing uncommitted as of now
             self._commit(sync=True)
+        except BaseException:
+            self._failed = True  # leaving the group must not commit what failed
+            raise
         finally:
             try:
                 self.consumer.close()  # leaves the group (its revoke callback commits first)
@@ -347,6 +359,8 @@ class Runtime:
     def _commit(self, sync: bool = False) -> bool:
         """Commit what was processed; False when (at-least-once, not ``sync``) outputs are still
         in flight and the commit was put off rather than wait for them."""
+        from confluent_kafka import KafkaException
+
         if self.config.exactly_once:
             self._commit_transaction()
             return True
@@ -366,10 +380,14 @@ class Runtime:
             raise RuntimeFailure("records could not be delivered: " + "; ".join(self._delivery_errors[:5]))
         offsets = self._offsets()
         if offsets:
-            self.consumer.commit(offsets=offsets, asynchronous=not sync)
-            for tp in offsets:
-                self.committed[tp.partition] = tp.offset
-            self.commits += 1
+            try:
+                self.consumer.commit(offsets=offsets, asynchronous=not sync)
+            except KafkaException as exc:  # e.g. a rebalance under way: redelivery covers it
+                log.warning("offset commit failed: %s", exc.args[0].str())
+            else:
+                for tp in offsets:
+                    self.committed[tp.partition] = tp.offset
+                self.commits += 1
         self._dirty = False
         self._last_commit = time.monotonic()
         return True
@@ -381,13 +399,21 @@ class Runtime:
             self._dirty = False
             return
         offsets = self._offsets()
-        attempt = 0
-        while True:
+        if offsets:
             try:
-                if offsets:
-                    self.producer.send_offsets_to_transaction(
-                        offsets, self.consumer.consumer_group_metadata(), 30)
-                self.producer.commit_transaction(60)
+                # short: a group in the middle of a rebalance refuses it until this consumer
+                # polls again, so waiting longer would only hold the rebalance up
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata(), 5)
+            except KafkaException as exc:
+                # nothing is committed yet: abort, rewind, and let the rebalance go on
+                log.warning("offsets refused (%s): transaction aborted, partitions rewound",
+                            exc.args[0].str())
+                self._abort()
+                return
+        for attempt in range(1, 6):
+            try:
+                self.producer.commit_transaction(30)
                 break
             except KafkaException as exc:
                 err = exc.args[0]
@@ -395,12 +421,14 @@ class Runtime:
                     log.warning("transaction aborted, rewinding: %s", err.str())
                     self._abort()
                     return
-                attempt += 1
-                if err.retriable() and attempt < 10:
-                    log.warning("transaction commit failed, retrying: %s", err.str())
-                    time.sleep(0.2)
-                    continue
-                raise RuntimeFailure(f"transaction commit failed: {err.str()}") from None
+                if err.fatal():
+                    self._replace_producer(err.str())
+                    self._abort(begun=False)
+                    return
+                if not err.retriable() or attempt == 5:
+                    raise RuntimeFailure(f"transaction commit failed: {err.str()}") from None
+                # a commit that timed out may still be completing: the same call finishes it
+                log.warning("transaction commit failed, retrying: %s", err.str())
         for tp in offsets:
             self.committed[tp.partition] = tp.offset
         if self.table is not None:
@@ -410,15 +438,29 @@ class Runtime:
         self._dirty = False
         self.commits += 1
 
-    def _abort(self) -> None:
+    def _abort(self, begun: bool = True) -> None:
         """Abort the open transaction: memory goes back to what the changelog holds, and every
-        partition back to where the transaction began."""
+        partition back to where the transaction began. ``begun=False``: the producer is new and
+        its predecessor's transaction ended with it; only memory and positions go back."""
         from confluent_kafka import KafkaException, TopicPartition
 
-        try:
-            self.producer.abort_transaction(30)
-        except KafkaException as exc:
-            raise RuntimeFailure(f"transaction abort failed: {exc.args[0].str()}") from None
+        # an abort that times out (the coordinator moving, a broker restarting) is retried until
+        # it completes: no other transactional call may be made meanwhile
+        deadline = time.monotonic() + self.config.transaction_timeout_ms / 1000.0 + 120
+        while begun:
+            try:
+                self.producer.abort_transaction(10)
+                break
+            except KafkaException as exc:
+                err = exc.args[0]
+                if err.fatal():
+                    # e.g. the coordinator moved on during a broker restart: a new producer with
+                    # the same transactional id ends whatever the old one had open
+                    self._replace_producer(err.str())
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeFailure(f"transaction abort failed: {err.str()}") from None
+                log.warning("transaction abort not done yet, retrying: %s", err.str())
         if self.table is not None:
             self.table.rollback()
         self.aborts += 1
@@ -434,6 +476,14 @@ class Runtime:
         self._txn_start = {}
         self._dirty = False
 
+    def _replace_producer(self, why: str) -> None:
+        now = time.monotonic()
+        self._replaced = [t for t in self._replaced if now - t < 60.0] + [now]
+        if len(self._replaced) > 3:  # a live twin with our transactional id keeps fencing us
+            raise RuntimeFailure(f"the transactional producer failed again ({why}): stopping")
+        log.warning("the transactional producer failed (%s): starting a new one", why)
+        self.producer = self._new_producer()
+
     # -- rebalances -----------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
@@ -441,7 +491,8 @@ class Runtime:
         mine = sorted(tp.partition for tp in partitions if tp.topic == c.input_topic)
         if mine:
             # what is done so far is committed first: the wait below may outlast a transaction
-            self._commit(sync=True)
+            if not self._failed:
+                self._commit(sync=True)
             started = time.monotonic()
             if c.exactly_once:
                 # waits until an earlier owner's open transaction ends (committed or timed out):
@@ -464,13 +515,14 @@ class Runtime:
         if not mine:
             return
         # what was processed is committed before another worker takes over
-        self._commit(sync=True)
+        if not self._failed:
+            self._commit(sync=True)
         self._release(mine)
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         mine = sorted(tp.partition for tp in partitions if tp.topic == self.config.input_topic)
         log.warning("partitions %s were lost (the group moved on without this worker)", mine)
-        if self.config.exactly_once and self._txn_open:
+        if self.config.exactly_once and self._txn_open and not self._failed:
             self._abort()  # its offsets would be refused: start over from the last commit
         self._release(mine)
 
