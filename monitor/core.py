@@ -219,8 +219,9 @@ class Outcome:
     ended: bool = False  # an end_session batch: the session's state is gone
 
     def alerts(self) -> list[Alert]:
-        """The alerts to publish: one per violation of a new verdict (a repeat sends none)."""
-        if self.verdict is None or not self.new:
+        """The alerts to publish: one per violation. A repeated verdict sends its alerts again
+        (the first sending may be what a crash cut short); their ids show them as repeats."""
+        if self.verdict is None:
             return []
         return alerts_for(self.verdict, self.omitted)
 
