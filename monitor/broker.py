@@ -24,12 +24,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from monitor.errors import MonitorError
+
 KAFKA_VERSION = os.environ.get("AGENT_MONITOR_KAFKA_VERSION", "4.1.1")
 LOG4J_VERSION = "2.24.3"
 SLF4J_VERSION = "2.0.17"
 
 
-class BrokerError(RuntimeError):
+class BrokerError(MonitorError):
     """The local broker could not be fetched, started or reached."""
 
 

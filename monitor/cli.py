@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from monitor.config import DEFAULT_BOOTSTRAP, DEFAULT_PREFIX
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MonitorError
 
 # Modules that add their own subcommands: each may define ``register_cli(subparsers)`` (or
 # ``register``/``add_cli``) adding parsers whose ``func(args) -> int`` handles the command. A module
@@ -34,12 +33,12 @@ EXTENSIONS: list[str] = ["monitor.replay"]
 _HOOKS = ("register_cli", "register", "add_cli")
 
 
-class CliError(Exception):
-    """A problem the user can fix; printed without a traceback, exits with ``code``."""
+class CliError(MonitorError):
+    """A problem the user can fix; printed without a traceback, exits with ``exit_code``."""
 
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
-        self.code = code
+        self.exit_code = exit_code
 
 
 # -- argument types: the message says what is expected ----------------------------------------------
@@ -163,13 +162,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = WorkerSettings(**{k: v for k, v in fields.items() if v is not None})
     print(f"agent-monitor: serving {', '.join(p.policy_id for p in policies)} on "
           f"{settings.topics.events} at {bootstrap} ({settings.engine} engine)", file=sys.stderr)
-    from monitor.topics import TopicProvisioningError
     from monitor.worker import run_worker
 
-    try:
-        run_worker(settings)
-    except TopicProvisioningError as exc:  # existing topics contradict the spec: a person decides
-        raise CliError(str(exc), EXIT_FAILED) from None
+    # existing topics that contradict the spec end it (TopicProvisioningError: a person decides)
+    run_worker(settings)
     return EXIT_OK
 
 
@@ -177,11 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
     from monitor.client import wait_for_broker
-    from monitor.topics import (
-        TopicProvisioningError,
-        create_topics,
-        parse_partition_overrides,
-    )
+    from monitor.topics import create_topics, parse_partition_overrides
 
     try:
         overrides: dict[str, int] = parse_partition_overrides(args.partition or [])
@@ -195,7 +187,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
         results = create_topics(bootstrap, _prefix_of(args), overrides or None,
                                 replication_factor=args.replication_factor,
                                 increase_partitions=args.increase_partitions)
-    except (TopicProvisioningError, ValueError) as exc:
+    except ValueError as exc:  # a bad spec (TopicProvisioningError exits 1 by itself)
         raise CliError(str(exc), EXIT_FAILED) from None
     from rich.table import Table
     from rich.text import Text
@@ -508,28 +500,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv_ = argv  # replay records its own command line in its manifest
-    from monitor.broker import BrokerError
-    from monitor.client import BrokerUnreachable, MonitorError, TopicMissing
-    from monitor.policy import PolicyLoadError
-    from monitor.samples import SampleError
-
     try:
         return int(args.func(args) or 0)
-    except PolicyLoadError as exc:
+    except MonitorError as exc:  # each error says which exit code it means
         print(f"agent-monitor: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokerUnreachable as exc:
-        print(f"agent-monitor: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except (SampleError, CliError) as exc:
-        print(f"agent-monitor: {exc}", file=sys.stderr)
-        return getattr(exc, "code", EXIT_USAGE)
-    except TopicMissing as exc:
-        print(f"agent-monitor: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except (MonitorError, BrokerError) as exc:
-        print(f"agent-monitor: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return exc.exit_code
     except KeyboardInterrupt:
         print("agent-monitor: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

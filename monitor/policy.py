@@ -19,14 +19,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from monitor.errors import EXIT_USAGE, MonitorError
+
 POLICY_SUFFIXES = (".gr", ".iv", ".policy", ".inv")
 
 # Importing invariant-ai is slow (~1 s); do it once, on first use.
 os.environ.setdefault("LOCAL_POLICY", "1")
 
 
-class PolicyLoadError(ValueError):
+class PolicyLoadError(MonitorError, ValueError):
     """A policy file is missing, unreadable or does not parse; the message names file and line."""
+
+    exit_code = EXIT_USAGE
 
     def __init__(self, message: str, path: str | None = None, line: int | None = None) -> None:
         super().__init__(message)

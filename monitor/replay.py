@@ -65,6 +65,7 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
+from monitor.errors import EXIT_USAGE, MonitorError
 from monitor.models import Alert, EventBatch, SourceRef, Verdict
 from monitor.policy import PolicySet, load_policy_set, policy_files
 from monitor.report import (
@@ -566,8 +567,10 @@ class KafkaSource:
 # ============================================================================ evaluation
 
 
-class ReplayError(RuntimeError):
+class ReplayError(MonitorError):
     """Replay cannot start or continue (missing topic, unreadable policy, ...)."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(slots=True)

@@ -30,14 +30,17 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from monitor.errors import EXIT_USAGE, MonitorError
 from monitor.models import Decision, EventBatch, Verdict
 
 if TYPE_CHECKING:
     from monitor.policy import PolicySet
 
 
-class SampleError(ValueError):
+class SampleError(MonitorError, ValueError):
     """A sample file is missing or not a valid sample session; the message names the file."""
+
+    exit_code = EXIT_USAGE
 
 
 class Expectation(BaseModel):

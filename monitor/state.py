@@ -26,11 +26,12 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from monitor.engine.base import SessionState
+from monitor.errors import MonitorError
 
 _SEP = "\x1f"  # a unit separator cannot be typed into an id by accident; keeps keys unambiguous
 
 
-class StateCorrupted(RuntimeError):
+class StateCorrupted(MonitorError):
     """The head names a state record that is not in the table; the batch fails closed."""
 
 

@@ -39,13 +39,14 @@ from invariant.analyzer.language.scope import InputData, VariableDeclaration
 from invariant.analyzer.runtime.evaluation import Interpreter, Unknown
 
 from monitor.engine.evaluator import DirectContext, compile_fast
+from monitor.errors import MonitorError
 
 SUPPORTED_TYPES = ("Message", "ToolCall", "ToolOutput")
 
 DECL, ARROW, OWN, JOIN = "decl", "arrow", "own", "join"
 
 
-class Unsupported(Exception):
+class Unsupported(MonitorError):
     """A construct the incremental compiler does not handle; the message says which and where."""
 
 

@@ -33,6 +33,8 @@ from invariant.analyzer.runtime.function_cache import call_either_way
 from invariant.analyzer.runtime.input import Input
 from invariant.analyzer.runtime.nodes import Contents, Event, Message, ToolCall, ToolOutput
 
+from monitor.errors import MonitorError
+
 # Outcome of one condition for one assignment, as invariant's rule body sees it.
 TRUE, FALSE, RAISE, OTHER = "T", "F", "R", "X"
 
@@ -508,7 +510,7 @@ def object_place(element: Element) -> tuple[int, list[int], str]:
 # mirror are named below). Anything unusual at run time raises _Slow and the interpreter decides.
 
 
-class _Slow(Exception):
+class _Slow(MonitorError):
     pass
 
 
