@@ -315,10 +315,8 @@ def _policies_of(path: str) -> list[Any]:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from monitor.engine.reference import _rules
-
     for policy in _policies_of(args.path):
-        n = len(_rules(policy))
+        n = len(policy.rules)
         print(f"{', '.join(policy.sources) or args.path}: ok ({n} rule{'s' if n != 1 else ''}, "
               f"policy id {policy.policy_id}, sha256 {policy.sha256[:12]})")
     return EXIT_OK

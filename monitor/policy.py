@@ -18,6 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from monitor.errors import EXIT_USAGE, MonitorError
 
@@ -54,6 +55,13 @@ class LoadedPolicy:
         if self._local is None:
             self._local = _parse(self.text, self.sources[0] if len(self.sources) == 1 else None)
         return self._local
+
+    @property
+    def rules(self) -> list[Any]:
+        """The policy's rules (invariant's ``RaisePolicy`` statements), in rule-index order."""
+        from invariant.analyzer.language.ast import RaisePolicy
+
+        return [s for s in self.local.policy_root.statements if isinstance(s, RaisePolicy)]
 
 
 _LINE = re.compile(r"at line (\d+) col")
