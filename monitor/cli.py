@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from monitor.config import DEFAULT_BOOTSTRAP, DEFAULT_PREFIX
+from monitor.console import make_console, render_record, render_verdict
 from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MonitorError
+from monitor.policy import parse_policies
+from monitor.samples import read_batches
 
 # Modules that add their own subcommands: each may define ``register_cli(subparsers)`` (or
 # ``register``/``add_cli``) adding parsers whose ``func(args) -> int`` handles the command. A module
@@ -128,15 +131,6 @@ def _prefix_of(args: argparse.Namespace) -> str:
     return args.prefix or os.environ.get("AGENT_MONITOR_PREFIX") or DEFAULT_PREFIX
 
 
-def _console(stderr: bool = False, width: int = 120) -> Any:
-    from rich.console import Console
-
-    console = Console(stderr=stderr, highlight=False)
-    if not console.is_terminal:  # piped: rich would assume 80 columns
-        console.width = width
-    return console
-
-
 # -- run ----------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -144,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitor.config import WorkerSettings
 
     # refuse a bad policy before touching Kafka (the worker loads the full policy set itself)
-    policies = _policies_of(args.policy)
+    policies = parse_policies(args.policy)
     bootstrap = _bootstrap_of(args)
     wait_for_broker(bootstrap, args.connect_timeout)
     fields: dict[str, Any] = {
@@ -197,7 +191,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     for r in results:
         drift = ", ".join(f"{k}={have} (spec {want})" for k, (have, want) in r.config_drift.items())
         table.add_row(r.name, Text(r.status, style=colour.get(r.status, "")), str(r.partitions), Text(drift))
-    _console().print(table)
+    make_console().print(table)
     return EXIT_OK
 
 
@@ -213,7 +207,6 @@ def cmd_topics_schemas(args: argparse.Namespace) -> int:
 
 def cmd_produce(args: argparse.Namespace) -> int:
     from monitor.client import MonitorClient
-    from monitor.demo import read_batches, render_verdict
 
     source = "-" if args.file in (None, "-") else args.file
     text = sys.stdin.read() if source == "-" else _read_text(source)
@@ -221,7 +214,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                                          session_id=args.session_id)
     if args.policy_id:
         batches = [b.model_copy(update={"policy": args.policy_id}) for b in batches]
-    console = _console()
+    console = make_console()
     failed = 0
     with MonitorClient(_bootstrap_of(args), _prefix_of(args), connect_timeout=args.connect_timeout) as client:
         for i, batch in enumerate(batches):
@@ -258,10 +251,9 @@ def _read_text(path: str) -> str:
 
 def cmd_tail(args: argparse.Namespace) -> int:
     from monitor.client import CONSUMERS
-    from monitor.demo import render_record
 
     consumer_cls = CONSUMERS[args.topic]
-    console = _console()
+    console = make_console()
     with consumer_cls(_bootstrap_of(args), _prefix_of(args), from_beginning=args.from_beginning,
                       timeout=args.timeout, idle_timeout=args.idle, max_records=args.max,
                       session_id=args.session, connect_timeout=args.connect_timeout) as records:
@@ -308,14 +300,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 # -- policy -------------------------------------------------------------------------------------
 
-def _policies_of(path: str) -> list[Any]:
-    from monitor.demo import parse_policies
-
-    return parse_policies(path)
-
-
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    for policy in _policies_of(args.path):
+    for policy in parse_policies(args.path):
         n = len(policy.rules)
         print(f"{', '.join(policy.sources) or args.path}: ok ({n} rule{'s' if n != 1 else ''}, "
               f"policy id {policy.policy_id}, sha256 {policy.sha256[:12]})")
@@ -328,8 +314,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
     from monitor.engine import make_engine
 
-    console = _console()
-    for policy in _policies_of(args.path):
+    console = make_console()
+    for policy in parse_policies(args.path):
         engine = make_engine(policy, args.engine)
         try:
             rules = engine.explain()

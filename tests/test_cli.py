@@ -16,9 +16,8 @@ from confluent_kafka import Producer
 from monitor import cli
 from monitor.cli import main
 from monitor.config import TopicNames
-from monitor.demo import read_batches
 from monitor.models import EventBatch, Verdict
-from monitor.samples import SampleError
+from monitor.samples import SampleError, read_batches
 from monitor.topics import create_topics
 
 ROOT = Path(__file__).resolve().parent.parent
