@@ -15,25 +15,20 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from monitor.argtypes import host_ports, int_at_least, non_negative_float, port, positive_float
 from monitor.config import DEFAULT_BOOTSTRAP, DEFAULT_PREFIX
 from monitor.console import make_console, render_record, render_verdict
 from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MonitorError
 from monitor.policy import parse_policies
+from monitor.replay.cli import register_cli as register_replay
 from monitor.samples import read_batches
-
-# Modules that add their own subcommands: each may define ``register_cli(subparsers)`` (or
-# ``register``/``add_cli``) adding parsers whose ``func(args) -> int`` handles the command. A module
-# that is missing or fails to import is left out, so a broken extension never breaks the CLI.
-EXTENSIONS: list[str] = ["monitor.replay"]
-_HOOKS = ("register_cli", "register", "add_cli")
 
 
 class CliError(MonitorError):
@@ -42,60 +37,6 @@ class CliError(MonitorError):
     def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-# -- argument types: the message says what is expected ----------------------------------------------
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {value}")
-    return value
-
-
-def _bootstrap(text: str) -> str:
-    for part in text.split(","):
-        host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"expected HOST:PORT[,HOST:PORT...], got {text!r}")
-    return text
 
 
 def default_bootstrap() -> str:
@@ -114,12 +55,12 @@ def default_bootstrap() -> str:
 
 
 def _kafka_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap-servers", "-b", type=_bootstrap, metavar="HOST:PORT",
+    p.add_argument("--bootstrap-servers", "-b", type=host_ports, metavar="HOST:PORT",
                    help="Kafka cluster (default: $KAFKA_BOOTSTRAP_SERVERS, else the broker of "
                         "`agent-monitor broker start`, else 127.0.0.1:9092)")
     p.add_argument("--prefix", metavar="PREFIX",
                    help=f"topic name prefix (default: $AGENT_MONITOR_PREFIX, else {DEFAULT_PREFIX!r})")
-    p.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="S",
+    p.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="S",
                    help="seconds to wait for the broker to answer (default 10)")
 
 
@@ -345,7 +286,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- the parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command line (extensions included)."""
+    """The whole command line."""
     parser = argparse.ArgumentParser(
         prog="agent-monitor",
         description="A Kafka-native guardrail monitor for AI agents: Invariant policies on agent event streams.",
@@ -360,31 +301,31 @@ def build_parser() -> argparse.ArgumentParser:
     _kafka_args(p)
     p.add_argument("--group-id", help="consumer group (default <prefix>-monitor)")
     p.add_argument("--engine", choices=["incremental", "reference"], default="incremental")
-    p.add_argument("--partitions", type=_int_at_least(1), metavar="N",
+    p.add_argument("--partitions", type=int_at_least(1), metavar="N",
                    help="partitions of the events topic when the worker creates it (default 12)")
-    p.add_argument("--budget-ms", type=_positive_float, metavar="MS", help="time budget of one batch (default 5000)")
+    p.add_argument("--budget-ms", type=positive_float, metavar="MS", help="time budget of one batch (default 5000)")
     p.add_argument("--fail-open", action="store_true",
                    help="allow (instead of deny) a batch whose policy errors or overruns its budget")
     p.add_argument("--keep-denied", action="store_true", help="denied batches join the session's past")
-    p.add_argument("--max-record-bytes", type=_int_at_least(1024), metavar="BYTES",
+    p.add_argument("--max-record-bytes", type=int_at_least(1024), metavar="BYTES",
                    help="larger records are dead-lettered (default 1000000)")
-    p.add_argument("--max-verdict-violations", type=_int_at_least(1), metavar="N",
+    p.add_argument("--max-verdict-violations", type=int_at_least(1), metavar="N",
                    help="violations listed in one verdict; the rest are counted, their alerts still go out "
                         "(default 200)")
-    p.add_argument("--verdict-memory", type=_int_at_least(1), metavar="N",
+    p.add_argument("--verdict-memory", type=int_at_least(1), metavar="N",
                    help="recent batches per session whose verdict a redelivery repeats (default 64)")
-    p.add_argument("--history", type=_int_at_least(1), metavar="EVENTS",
+    p.add_argument("--history", type=int_at_least(1), metavar="EVENTS",
                    help="events of the past the reference engine (and rules the incremental engine cannot "
                         "compile) see (default 2000)")
-    p.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-port", type=port, metavar="PORT", help="serve Prometheus /metrics on this port")
     p.add_argument("--guarantee", choices=["at-least-once", "exactly-once"],
                    help="at-least-once (default): a verdict goes out as soon as it is decided, a crash "
                         "may repeat one; exactly-once: verdicts, alerts, state and offsets commit in one "
                         "Kafka transaction (readers use read_committed)")
-    p.add_argument("--commit-interval-ms", type=_positive_float, metavar="MS",
+    p.add_argument("--commit-interval-ms", type=positive_float, metavar="MS",
                    help="how often offsets are committed (default 200) or transactions closed under "
                         "exactly-once (default 50: what a verdict reader waits at most)")
-    p.add_argument("--session-ttl", type=_non_negative_float, metavar="S",
+    p.add_argument("--session-ttl", type=non_negative_float, metavar="S",
                    help="forget a session idle this many seconds (its state is tombstoned); 0 = never "
                         "(default 86400)")
     p.add_argument("--worker-id", help="name of this worker in logs and metrics")
@@ -396,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
     tc = tsub.add_parser("create", help="create the deployment's topics (idempotent) and print a table")
     _kafka_args(tc)
-    tc.add_argument("--partitions", type=_int_at_least(1), metavar="N", help="partitions of the events topic")
+    tc.add_argument("--partitions", type=int_at_least(1), metavar="N", help="partitions of the events topic")
     tc.add_argument("--partition", action="append", metavar="TOPIC=N",
                     help="partitions of one topic, e.g. alerts=3 (repeatable)")
     tc.add_argument("--replication-factor", type=int, metavar="N", help="-1 = the broker's default")
@@ -414,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("file", nargs="?", help="input file ('-' or none: stdin)")
     _kafka_args(pr)
     pr.add_argument("--wait", action="store_true", help="wait for each batch's verdict and print it")
-    pr.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+    pr.add_argument("--timeout", type=positive_float, default=30.0, metavar="S",
                     help="seconds to wait for a verdict with --wait (default 30)")
     pr.add_argument("--session-id", help="override the session id of every record")
     pr.add_argument("--policy-id", help="set the policy id of every record")
@@ -425,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("topic", choices=["verdicts", "alerts", "deadletter"])
     _kafka_args(tl)
     tl.add_argument("--from-beginning", action="store_true", help="start at the earliest record")
-    tl.add_argument("--max", type=_int_at_least(1), metavar="N", help="stop after N records")
-    tl.add_argument("--timeout", type=_positive_float, metavar="S", help="stop after S seconds")
-    tl.add_argument("--idle", type=_positive_float, metavar="S", help="stop after S seconds without a record")
+    tl.add_argument("--max", type=int_at_least(1), metavar="N", help="stop after N records")
+    tl.add_argument("--timeout", type=positive_float, metavar="S", help="stop after S seconds")
+    tl.add_argument("--idle", type=positive_float, metavar="S", help="stop after S seconds without a record")
     tl.add_argument("--session", help="only this session's records")
     tl.add_argument("--json", action="store_true", help="one JSON record per line")
     tl.set_defaults(func=cmd_tail)
@@ -435,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("broker", help="a local single-node Kafka broker from Kafka's jars")
     b.add_argument("action", choices=["start", "stop", "status", "fetch"],
                    help="start/stop/status of the background broker; fetch = download the jars only")
-    b.add_argument("--port", type=_port, help="listener port for start (default: a free one)")
-    b.add_argument("--timeout", type=_positive_float, default=120.0, metavar="S",
+    b.add_argument("--port", type=port, help="listener port for start (default: a free one)")
+    b.add_argument("--timeout", type=positive_float, default=120.0, metavar="S",
                    help="seconds to wait for the broker to start (default 120)")
     b.add_argument("--verbose", action="store_true", help="show Maven's output on fetch")
     b.set_defaults(func=cmd_broker)
@@ -459,22 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--policy", metavar="FILE|DIR", help="policy (default examples/policies)")
     d.add_argument("--sessions", metavar="DIR|FILE", help="sample sessions (default examples/sessions)")
     d.add_argument("--engine", choices=["incremental", "reference"], default="incremental")
-    d.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S", help="per-verdict timeout")
-    d.add_argument("--bootstrap-servers", type=_bootstrap, metavar="HOST:PORT",
+    d.add_argument("--timeout", type=positive_float, default=60.0, metavar="S", help="per-verdict timeout")
+    d.add_argument("--bootstrap-servers", type=host_ports, metavar="HOST:PORT",
                    help="use this cluster (default $KAFKA_BOOTSTRAP_SERVERS, else a broker the demo starts)")
     d.add_argument("--keep", action="store_true",
                    help="leave the broker and worker running afterwards (prints how to stop them)")
     d.set_defaults(func=cmd_demo)
 
-    for name in EXTENSIONS:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        for hook in _HOOKS:
-            if callable(getattr(module, hook, None)):
-                getattr(module, hook)(sub)
-                break
+    register_replay(sub)  # replay and verify
     return parser
 
 
