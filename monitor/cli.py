@@ -294,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_run(sub)
+    _add_topics(sub)
+    _add_produce(sub)
+    _add_tail(sub)
+    _add_broker(sub)
+    _add_policy(sub)
+    _add_demo(sub)
+    register_replay(sub)  # replay and verify
+    return parser
+
+
+def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="run a monitor worker (blocks; stops on SIGTERM/Ctrl-C)",
                        description="Run a monitor worker: consume <prefix>.events, publish verdicts and alerts.")
     p.add_argument("--policy", required=True, metavar="FILE|DIR",
@@ -333,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
     p.set_defaults(func=cmd_run)
 
+
+def _add_topics(sub: Any) -> None:
     t = sub.add_parser("topics", help="provision topics, regenerate JSON Schemas")
     tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
     tc = tsub.add_parser("create", help="create the deployment's topics (idempotent) and print a table")
@@ -348,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--out", metavar="DIR", help="folder (default topics/schemas)")
     ts.set_defaults(func=cmd_topics_schemas)
 
+
+def _add_produce(sub: Any) -> None:
     pr = sub.add_parser("produce", help="publish EventBatch records (JSON, JSONL or a sample session)",
                         description="Publish EventBatch records from a file or stdin: one JSON object, a JSON "
                                     "list, JSON Lines, or a sample session file (examples/sessions/*.json). "
@@ -362,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON lines")
     pr.set_defaults(func=cmd_produce)
 
+
+def _add_tail(sub: Any) -> None:
     tl = sub.add_parser("tail", help="print verdicts, alerts or dead letters as they arrive")
     tl.add_argument("topic", choices=["verdicts", "alerts", "deadletter"])
     _kafka_args(tl)
@@ -373,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--json", action="store_true", help="one JSON record per line")
     tl.set_defaults(func=cmd_tail)
 
+
+def _add_broker(sub: Any) -> None:
     b = sub.add_parser("broker", help="a local single-node Kafka broker from Kafka's jars")
     b.add_argument("action", choices=["start", "stop", "status", "fetch"],
                    help="start/stop/status of the background broker; fetch = download the jars only")
@@ -382,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verbose", action="store_true", help="show Maven's output on fetch")
     b.set_defaults(func=cmd_broker)
 
+
+def _add_policy(sub: Any) -> None:
     po = sub.add_parser("policy", help="check a policy or explain how its rules are evaluated")
     posub = po.add_subparsers(dest="action", required=True, metavar="ACTION")
     pc = posub.add_parser("check", help="parse a policy file or folder and report")
@@ -393,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--json", action="store_true")
     pe.set_defaults(func=cmd_policy_explain)
 
+
+def _add_demo(sub: Any) -> None:
     d = sub.add_parser("demo", help="play the sample sessions through a worker and show the verdicts",
                        description="Start a local broker (unless KAFKA_BOOTSTRAP_SERVERS is set), create "
                                    "topics under a fresh prefix, start a worker, play the sample sessions "
@@ -406,9 +430,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true",
                    help="leave the broker and worker running afterwards (prints how to stop them)")
     d.set_defaults(func=cmd_demo)
-
-    register_replay(sub)  # replay and verify
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

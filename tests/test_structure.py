@@ -133,3 +133,11 @@ def test_the_cli_exits_with_the_error_s_own_code(exit_code: int, monkeypatch: py
     monkeypatch.setattr(cli, "cmd_broker", fail)
     assert cli.main(["broker", "status"]) == exit_code
     assert capsys.readouterr().err == "agent-monitor: something is off\n"
+
+
+def test_the_package_says_it_is_typed() -> None:
+    import tomllib
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    assert "py.typed" in pyproject["tool"]["setuptools"]["package-data"]["monitor"]
+    assert (PACKAGE / "py.typed").is_file()
