@@ -13,51 +13,43 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
+from typing import TypeVar
+
+N = TypeVar("N", int, float)
+
+
+def _number(text: str, kind: Callable[[str], N], ok: Callable[[N], bool], expected: str) -> N:
+    """``text`` read as ``kind``, if ``ok`` holds for it; else an error that says what is expected."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        # a whole number as read (007 is 7), a number as typed (-5, not -5.0)
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value if isinstance(value, int) else text}")
+    return value
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {value}")
-        return value
+        return _number(text, int, lambda v: v >= low, f"a whole number >= {low}")
 
     parse.__name__ = f"integer >= {low}"
     return parse
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 < v < math.inf, "a number > 0")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < math.inf, "a number >= 0")
 
 
 def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {value}")
-    return value
+    return _number(text, int, lambda v: 1 <= v <= 65535, "a TCP port 1-65535")
 
 
 def host_ports(text: str) -> str:

@@ -231,11 +231,11 @@ def cmd_broker(args: argparse.Namespace) -> int:
         stopped = broker.daemon_stop()
         print("broker stopped" if stopped else "no broker was running")
         return EXIT_OK
-    info = broker.daemon_status()
-    if info is None:
+    status = broker.daemon_status()
+    if status is None:
         print("no broker running (start one: agent-monitor broker start)")
         return EXIT_FAILED
-    print(f"running: {info.bootstrap_servers} (pid {info.pid}, Kafka {info.version}, data {info.data_dir})")
+    print(f"running: {status.bootstrap_servers} (pid {status.pid}, Kafka {status.version}, data {status.data_dir})")
     return EXIT_OK
 
 
