@@ -35,14 +35,13 @@ from monitor.console import DECISION_STYLE, make_console, render_alert, render_v
 from monitor.models import Alert, Verdict
 from monitor.policy import parse_policies
 from monitor.samples import Expectation, SampleSession, load_sample, load_samples
-from monitor.worker_process import WorkerProcess
+from monitor.worker_process import REPO, WorkerProcess
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from monitor.client import MonitorClient
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 DEMO_PARTITIONS = 6
 

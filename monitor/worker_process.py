@@ -29,7 +29,7 @@ from monitor.config import WorkerSettings
 from monitor.errors import MonitorError
 from monitor.worker import READY_LINE
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # the checkout: the child runs from here, as `make` does
 
 
 class WorkerNotReady(MonitorError):

@@ -50,7 +50,7 @@ Example (files)::
     True
 """
 
-from monitor.replay.cli import main, register_cli
+from monitor.replay.cli import register_cli
 from monitor.replay.evaluate import ReplayedBatch, ReplayEvaluator
 from monitor.replay.evidence import evidence_for
 from monitor.replay.request import ReplayError, ReplayRequest
@@ -93,7 +93,6 @@ __all__ = [
     "evidence_for",
     "fewer_collections",
     "line_session_id",
-    "main",
     "open_source",
     "parse_offsets",
     "parse_time",

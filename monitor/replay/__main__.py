@@ -2,6 +2,6 @@
 
 import sys
 
-from monitor.replay.cli import main
+from monitor.cli import main
 
 sys.exit(main())

@@ -190,14 +190,3 @@ def register_cli(subparsers: Any) -> None:
     v.add_argument("report")
     v.add_argument("--bootstrap-servers", help="override the cluster named in the manifest")
     v.set_defaults(func=_cmd_verify)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m monitor.replay replay|verify ...`` (the same as ``agent-monitor replay|verify``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="agent-monitor")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.argv_ = argv
-    return int(args.func(args))
-
