@@ -33,12 +33,16 @@ os.environ.setdefault("LOCAL_POLICY", "1")
 sys.path.insert(0, sys.argv[1])
 import monitor.replay as R
 from monitor.policy import load_policy_set
+try:
+    from monitor.replay.run import evaluate_shard, fewer_collections
+except ImportError:  # a checkout from before monitor/replay/ was a package
+    evaluate_shard, fewer_collections = R._evaluate_shard, R._fewer_collections
 inp, policy, n = sys.argv[2], sys.argv[3], int(sys.argv[4])
 req = R.ReplayRequest(inputs=[inp], policy=policy, out=inp + ".report.json", engine="incremental",
                       progress=False, workdir=os.path.dirname(inp), shards=1)
-with R._fewer_collections():
-    s = asyncio.run(R._evaluate_shard(req, 0, 1, tempfile.mkdtemp(dir=os.path.dirname(inp)), None,
-                                      load_policy_set(policy), None))
+with fewer_collections():
+    s = asyncio.run(evaluate_shard(req, 0, 1, tempfile.mkdtemp(dir=os.path.dirname(inp)), None,
+                                   load_policy_set(policy), None))
 assert s.counts.batches == n, (s.counts.batches, n)
 """
 

@@ -24,12 +24,14 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from monitor.errors import MonitorError
+
 KAFKA_VERSION = os.environ.get("AGENT_MONITOR_KAFKA_VERSION", "4.1.1")
 LOG4J_VERSION = "2.24.3"
 SLF4J_VERSION = "2.0.17"
 
 
-class BrokerError(RuntimeError):
+class BrokerError(MonitorError):
     """The local broker could not be fetched, started or reached."""
 
 
@@ -44,7 +46,8 @@ def state_dir() -> Path:
     return cache_dir() / "broker"
 
 
-_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+# the Maven project that fetches Kafka's jars (deploy/local/images.py builds the image's from it too)
+MAVEN_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
   <groupId>agent-monitor</groupId><artifactId>kafka-runtime</artifactId><version>1</version>
   <packaging>pom</packaging>
@@ -89,7 +92,7 @@ def fetch_jars(version: str = KAFKA_VERSION, quiet: bool = True) -> Path:
     work = libs.parent
     work.mkdir(parents=True, exist_ok=True)
     (work / "pom.xml").write_text(
-        _POM.format(kafka=version, slf4j=SLF4J_VERSION, log4j=LOG4J_VERSION)
+        MAVEN_POM.format(kafka=version, slf4j=SLF4J_VERSION, log4j=LOG4J_VERSION)
     )
     tmp = work / "libs.partial"
     shutil.rmtree(tmp, ignore_errors=True)

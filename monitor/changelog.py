@@ -36,6 +36,8 @@ from typing import Any
 
 from pydantic_core import to_json
 
+from monitor.errors import MonitorError
+
 log = logging.getLogger("agent_monitor.changelog")
 
 _MISSING: Any = object()
@@ -55,7 +57,7 @@ def encode(value: Any) -> bytes:
     return to_json(value)
 
 
-class RestoreTimeout(RuntimeError):
+class RestoreTimeout(MonitorError):
     """A changelog partition could not be read to its end in time (an open transaction of a dead
     worker holds it until the broker times that transaction out)."""
 

@@ -15,85 +15,28 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from monitor.argtypes import host_ports, int_at_least, non_negative_float, port, positive_float
 from monitor.config import DEFAULT_BOOTSTRAP, DEFAULT_PREFIX
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-# Modules that add their own subcommands: each may define ``register_cli(subparsers)`` (or
-# ``register``/``add_cli``) adding parsers whose ``func(args) -> int`` handles the command. A module
-# that is missing or fails to import is left out, so a broken extension never breaks the CLI.
-EXTENSIONS: list[str] = ["monitor.replay"]
-_HOOKS = ("register_cli", "register", "add_cli")
+from monitor.console import make_console, render_record, render_verdict
+from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MonitorError
+from monitor.policy import parse_policies
+from monitor.replay.cli import register_cli as register_replay
+from monitor.samples import read_batches
 
 
-class CliError(Exception):
-    """A problem the user can fix; printed without a traceback, exits with ``code``."""
+class CliError(MonitorError):
+    """A problem the user can fix; printed without a traceback, exits with ``exit_code``."""
 
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
         super().__init__(message)
-        self.code = code
-
-
-# -- argument types: the message says what is expected ----------------------------------------------
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1-65535, got {value}")
-    return value
-
-
-def _bootstrap(text: str) -> str:
-    for part in text.split(","):
-        host, sep, port = part.strip().rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"expected HOST:PORT[,HOST:PORT...], got {text!r}")
-    return text
+        self.exit_code = exit_code
 
 
 def default_bootstrap() -> str:
@@ -112,12 +55,12 @@ def default_bootstrap() -> str:
 
 
 def _kafka_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap-servers", "-b", type=_bootstrap, metavar="HOST:PORT",
+    p.add_argument("--bootstrap-servers", "-b", type=host_ports, metavar="HOST:PORT",
                    help="Kafka cluster (default: $KAFKA_BOOTSTRAP_SERVERS, else the broker of "
                         "`agent-monitor broker start`, else 127.0.0.1:9092)")
     p.add_argument("--prefix", metavar="PREFIX",
                    help=f"topic name prefix (default: $AGENT_MONITOR_PREFIX, else {DEFAULT_PREFIX!r})")
-    p.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="S",
+    p.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="S",
                    help="seconds to wait for the broker to answer (default 10)")
 
 
@@ -129,15 +72,6 @@ def _prefix_of(args: argparse.Namespace) -> str:
     return args.prefix or os.environ.get("AGENT_MONITOR_PREFIX") or DEFAULT_PREFIX
 
 
-def _console(stderr: bool = False, width: int = 120) -> Any:
-    from rich.console import Console
-
-    console = Console(stderr=stderr, highlight=False)
-    if not console.is_terminal:  # piped: rich would assume 80 columns
-        console.width = width
-    return console
-
-
 # -- run ----------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -145,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitor.config import WorkerSettings
 
     # refuse a bad policy before touching Kafka (the worker loads the full policy set itself)
-    policies = _policies_of(args.policy)
+    policies = parse_policies(args.policy)
     bootstrap = _bootstrap_of(args)
     wait_for_broker(bootstrap, args.connect_timeout)
     fields: dict[str, Any] = {
@@ -163,13 +97,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = WorkerSettings(**{k: v for k, v in fields.items() if v is not None})
     print(f"agent-monitor: serving {', '.join(p.policy_id for p in policies)} on "
           f"{settings.topics.events} at {bootstrap} ({settings.engine} engine)", file=sys.stderr)
-    from monitor.topics import TopicProvisioningError
     from monitor.worker import run_worker
 
-    try:
-        run_worker(settings)
-    except TopicProvisioningError as exc:  # existing topics contradict the spec: a person decides
-        raise CliError(str(exc), EXIT_FAILED) from None
+    # existing topics that contradict the spec end it (TopicProvisioningError: a person decides)
+    run_worker(settings)
     return EXIT_OK
 
 
@@ -177,11 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_topics_create(args: argparse.Namespace) -> int:
     from monitor.client import wait_for_broker
-    from monitor.topics import (
-        TopicProvisioningError,
-        create_topics,
-        parse_partition_overrides,
-    )
+    from monitor.topics import create_topics, parse_partition_overrides
 
     try:
         overrides: dict[str, int] = parse_partition_overrides(args.partition or [])
@@ -195,7 +122,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
         results = create_topics(bootstrap, _prefix_of(args), overrides or None,
                                 replication_factor=args.replication_factor,
                                 increase_partitions=args.increase_partitions)
-    except (TopicProvisioningError, ValueError) as exc:
+    except ValueError as exc:  # a bad spec (TopicProvisioningError exits 1 by itself)
         raise CliError(str(exc), EXIT_FAILED) from None
     from rich.table import Table
     from rich.text import Text
@@ -205,7 +132,7 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
     for r in results:
         drift = ", ".join(f"{k}={have} (spec {want})" for k, (have, want) in r.config_drift.items())
         table.add_row(r.name, Text(r.status, style=colour.get(r.status, "")), str(r.partitions), Text(drift))
-    _console().print(table)
+    make_console().print(table)
     return EXIT_OK
 
 
@@ -221,7 +148,6 @@ def cmd_topics_schemas(args: argparse.Namespace) -> int:
 
 def cmd_produce(args: argparse.Namespace) -> int:
     from monitor.client import MonitorClient
-    from monitor.demo import read_batches, render_verdict
 
     source = "-" if args.file in (None, "-") else args.file
     text = sys.stdin.read() if source == "-" else _read_text(source)
@@ -229,7 +155,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
                                          session_id=args.session_id)
     if args.policy_id:
         batches = [b.model_copy(update={"policy": args.policy_id}) for b in batches]
-    console = _console()
+    console = make_console()
     failed = 0
     with MonitorClient(_bootstrap_of(args), _prefix_of(args), connect_timeout=args.connect_timeout) as client:
         for i, batch in enumerate(batches):
@@ -266,10 +192,9 @@ def _read_text(path: str) -> str:
 
 def cmd_tail(args: argparse.Namespace) -> int:
     from monitor.client import CONSUMERS
-    from monitor.demo import render_record
 
     consumer_cls = CONSUMERS[args.topic]
-    console = _console()
+    console = make_console()
     with consumer_cls(_bootstrap_of(args), _prefix_of(args), from_beginning=args.from_beginning,
                       timeout=args.timeout, idle_timeout=args.idle, max_records=args.max,
                       session_id=args.session, connect_timeout=args.connect_timeout) as records:
@@ -306,27 +231,19 @@ def cmd_broker(args: argparse.Namespace) -> int:
         stopped = broker.daemon_stop()
         print("broker stopped" if stopped else "no broker was running")
         return EXIT_OK
-    info = broker.daemon_status()
-    if info is None:
+    status = broker.daemon_status()
+    if status is None:
         print("no broker running (start one: agent-monitor broker start)")
         return EXIT_FAILED
-    print(f"running: {info.bootstrap_servers} (pid {info.pid}, Kafka {info.version}, data {info.data_dir})")
+    print(f"running: {status.bootstrap_servers} (pid {status.pid}, Kafka {status.version}, data {status.data_dir})")
     return EXIT_OK
 
 
 # -- policy -------------------------------------------------------------------------------------
 
-def _policies_of(path: str) -> list[Any]:
-    from monitor.demo import parse_policies
-
-    return parse_policies(path)
-
-
 def cmd_policy_check(args: argparse.Namespace) -> int:
-    from monitor.engine.reference import _rules
-
-    for policy in _policies_of(args.path):
-        n = len(_rules(policy))
+    for policy in parse_policies(args.path):
+        n = len(policy.rules)
         print(f"{', '.join(policy.sources) or args.path}: ok ({n} rule{'s' if n != 1 else ''}, "
               f"policy id {policy.policy_id}, sha256 {policy.sha256[:12]})")
     return EXIT_OK
@@ -338,8 +255,8 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
     from monitor.engine import make_engine
 
-    console = _console()
-    for policy in _policies_of(args.path):
+    console = make_console()
+    for policy in parse_policies(args.path):
         engine = make_engine(policy, args.engine)
         try:
             rules = engine.explain()
@@ -369,7 +286,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- the parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command line (extensions included)."""
+    """The whole command line."""
     parser = argparse.ArgumentParser(
         prog="agent-monitor",
         description="A Kafka-native guardrail monitor for AI agents: Invariant policies on agent event streams.",
@@ -377,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_run(sub)
+    _add_topics(sub)
+    _add_produce(sub)
+    _add_tail(sub)
+    _add_broker(sub)
+    _add_policy(sub)
+    _add_demo(sub)
+    register_replay(sub)  # replay and verify
+    return parser
+
+
+def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="run a monitor worker (blocks; stops on SIGTERM/Ctrl-C)",
                        description="Run a monitor worker: consume <prefix>.events, publish verdicts and alerts.")
     p.add_argument("--policy", required=True, metavar="FILE|DIR",
@@ -384,31 +313,31 @@ def build_parser() -> argparse.ArgumentParser:
     _kafka_args(p)
     p.add_argument("--group-id", help="consumer group (default <prefix>-monitor)")
     p.add_argument("--engine", choices=["incremental", "reference"], default="incremental")
-    p.add_argument("--partitions", type=_int_at_least(1), metavar="N",
+    p.add_argument("--partitions", type=int_at_least(1), metavar="N",
                    help="partitions of the events topic when the worker creates it (default 12)")
-    p.add_argument("--budget-ms", type=_positive_float, metavar="MS", help="time budget of one batch (default 5000)")
+    p.add_argument("--budget-ms", type=positive_float, metavar="MS", help="time budget of one batch (default 5000)")
     p.add_argument("--fail-open", action="store_true",
                    help="allow (instead of deny) a batch whose policy errors or overruns its budget")
     p.add_argument("--keep-denied", action="store_true", help="denied batches join the session's past")
-    p.add_argument("--max-record-bytes", type=_int_at_least(1024), metavar="BYTES",
+    p.add_argument("--max-record-bytes", type=int_at_least(1024), metavar="BYTES",
                    help="larger records are dead-lettered (default 1000000)")
-    p.add_argument("--max-verdict-violations", type=_int_at_least(1), metavar="N",
+    p.add_argument("--max-verdict-violations", type=int_at_least(1), metavar="N",
                    help="violations listed in one verdict; the rest are counted, their alerts still go out "
                         "(default 200)")
-    p.add_argument("--verdict-memory", type=_int_at_least(1), metavar="N",
+    p.add_argument("--verdict-memory", type=int_at_least(1), metavar="N",
                    help="recent batches per session whose verdict a redelivery repeats (default 64)")
-    p.add_argument("--history", type=_int_at_least(1), metavar="EVENTS",
+    p.add_argument("--history", type=int_at_least(1), metavar="EVENTS",
                    help="events of the past the reference engine (and rules the incremental engine cannot "
                         "compile) see (default 2000)")
-    p.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-port", type=port, metavar="PORT", help="serve Prometheus /metrics on this port")
     p.add_argument("--guarantee", choices=["at-least-once", "exactly-once"],
                    help="at-least-once (default): a verdict goes out as soon as it is decided, a crash "
                         "may repeat one; exactly-once: verdicts, alerts, state and offsets commit in one "
                         "Kafka transaction (readers use read_committed)")
-    p.add_argument("--commit-interval-ms", type=_positive_float, metavar="MS",
+    p.add_argument("--commit-interval-ms", type=positive_float, metavar="MS",
                    help="how often offsets are committed (default 200) or transactions closed under "
                         "exactly-once (default 50: what a verdict reader waits at most)")
-    p.add_argument("--session-ttl", type=_non_negative_float, metavar="S",
+    p.add_argument("--session-ttl", type=non_negative_float, metavar="S",
                    help="forget a session idle this many seconds (its state is tombstoned); 0 = never "
                         "(default 86400)")
     p.add_argument("--worker-id", help="name of this worker in logs and metrics")
@@ -416,11 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-create-topics", action="store_true", help="do not create missing topics at start")
     p.set_defaults(func=cmd_run)
 
+
+def _add_topics(sub: Any) -> None:
     t = sub.add_parser("topics", help="provision topics, regenerate JSON Schemas")
     tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
     tc = tsub.add_parser("create", help="create the deployment's topics (idempotent) and print a table")
     _kafka_args(tc)
-    tc.add_argument("--partitions", type=_int_at_least(1), metavar="N", help="partitions of the events topic")
+    tc.add_argument("--partitions", type=int_at_least(1), metavar="N", help="partitions of the events topic")
     tc.add_argument("--partition", action="append", metavar="TOPIC=N",
                     help="partitions of one topic, e.g. alerts=3 (repeatable)")
     tc.add_argument("--replication-factor", type=int, metavar="N", help="-1 = the broker's default")
@@ -431,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--out", metavar="DIR", help="folder (default topics/schemas)")
     ts.set_defaults(func=cmd_topics_schemas)
 
+
+def _add_produce(sub: Any) -> None:
     pr = sub.add_parser("produce", help="publish EventBatch records (JSON, JSONL or a sample session)",
                         description="Publish EventBatch records from a file or stdin: one JSON object, a JSON "
                                     "list, JSON Lines, or a sample session file (examples/sessions/*.json). "
@@ -438,33 +371,39 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("file", nargs="?", help="input file ('-' or none: stdin)")
     _kafka_args(pr)
     pr.add_argument("--wait", action="store_true", help="wait for each batch's verdict and print it")
-    pr.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+    pr.add_argument("--timeout", type=positive_float, default=30.0, metavar="S",
                     help="seconds to wait for a verdict with --wait (default 30)")
     pr.add_argument("--session-id", help="override the session id of every record")
     pr.add_argument("--policy-id", help="set the policy id of every record")
     pr.add_argument("--json", action="store_true", help="print JSON lines")
     pr.set_defaults(func=cmd_produce)
 
+
+def _add_tail(sub: Any) -> None:
     tl = sub.add_parser("tail", help="print verdicts, alerts or dead letters as they arrive")
     tl.add_argument("topic", choices=["verdicts", "alerts", "deadletter"])
     _kafka_args(tl)
     tl.add_argument("--from-beginning", action="store_true", help="start at the earliest record")
-    tl.add_argument("--max", type=_int_at_least(1), metavar="N", help="stop after N records")
-    tl.add_argument("--timeout", type=_positive_float, metavar="S", help="stop after S seconds")
-    tl.add_argument("--idle", type=_positive_float, metavar="S", help="stop after S seconds without a record")
+    tl.add_argument("--max", type=int_at_least(1), metavar="N", help="stop after N records")
+    tl.add_argument("--timeout", type=positive_float, metavar="S", help="stop after S seconds")
+    tl.add_argument("--idle", type=positive_float, metavar="S", help="stop after S seconds without a record")
     tl.add_argument("--session", help="only this session's records")
     tl.add_argument("--json", action="store_true", help="one JSON record per line")
     tl.set_defaults(func=cmd_tail)
 
+
+def _add_broker(sub: Any) -> None:
     b = sub.add_parser("broker", help="a local single-node Kafka broker from Kafka's jars")
     b.add_argument("action", choices=["start", "stop", "status", "fetch"],
                    help="start/stop/status of the background broker; fetch = download the jars only")
-    b.add_argument("--port", type=_port, help="listener port for start (default: a free one)")
-    b.add_argument("--timeout", type=_positive_float, default=120.0, metavar="S",
+    b.add_argument("--port", type=port, help="listener port for start (default: a free one)")
+    b.add_argument("--timeout", type=positive_float, default=120.0, metavar="S",
                    help="seconds to wait for the broker to start (default 120)")
     b.add_argument("--verbose", action="store_true", help="show Maven's output on fetch")
     b.set_defaults(func=cmd_broker)
 
+
+def _add_policy(sub: Any) -> None:
     po = sub.add_parser("policy", help="check a policy or explain how its rules are evaluated")
     posub = po.add_subparsers(dest="action", required=True, metavar="ACTION")
     pc = posub.add_parser("check", help="parse a policy file or folder and report")
@@ -476,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--json", action="store_true")
     pe.set_defaults(func=cmd_policy_explain)
 
+
+def _add_demo(sub: Any) -> None:
     d = sub.add_parser("demo", help="play the sample sessions through a worker and show the verdicts",
                        description="Start a local broker (unless KAFKA_BOOTSTRAP_SERVERS is set), create "
                                    "topics under a fresh prefix, start a worker, play the sample sessions "
@@ -483,23 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--policy", metavar="FILE|DIR", help="policy (default examples/policies)")
     d.add_argument("--sessions", metavar="DIR|FILE", help="sample sessions (default examples/sessions)")
     d.add_argument("--engine", choices=["incremental", "reference"], default="incremental")
-    d.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S", help="per-verdict timeout")
-    d.add_argument("--bootstrap-servers", type=_bootstrap, metavar="HOST:PORT",
+    d.add_argument("--timeout", type=positive_float, default=60.0, metavar="S", help="per-verdict timeout")
+    d.add_argument("--bootstrap-servers", type=host_ports, metavar="HOST:PORT",
                    help="use this cluster (default $KAFKA_BOOTSTRAP_SERVERS, else a broker the demo starts)")
     d.add_argument("--keep", action="store_true",
                    help="leave the broker and worker running afterwards (prints how to stop them)")
     d.set_defaults(func=cmd_demo)
-
-    for name in EXTENSIONS:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        for hook in _HOOKS:
-            if callable(getattr(module, hook, None)):
-                getattr(module, hook)(sub)
-                break
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -508,28 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv_ = argv  # replay records its own command line in its manifest
-    from monitor.broker import BrokerError
-    from monitor.client import BrokerUnreachable, MonitorError, TopicMissing
-    from monitor.policy import PolicyLoadError
-    from monitor.samples import SampleError
-
     try:
         return int(args.func(args) or 0)
-    except PolicyLoadError as exc:
+    except MonitorError as exc:  # each error says which exit code it means
         print(f"agent-monitor: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except BrokerUnreachable as exc:
-        print(f"agent-monitor: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    except (SampleError, CliError) as exc:
-        print(f"agent-monitor: {exc}", file=sys.stderr)
-        return getattr(exc, "code", EXIT_USAGE)
-    except TopicMissing as exc:
-        print(f"agent-monitor: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except (MonitorError, BrokerError) as exc:
-        print(f"agent-monitor: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return exc.exit_code
     except KeyboardInterrupt:
         print("agent-monitor: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

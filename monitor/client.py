@@ -47,6 +47,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from monitor.config import DEFAULT_PREFIX, TopicNames, env_bootstrap
+from monitor.errors import EXIT_UNREACHABLE, MonitorError
 from monitor.models import (
     Alert,
     BatchMetadata,
@@ -67,12 +68,10 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_CHECK_TIMEOUT = 30.0
 
 
-class MonitorError(RuntimeError):
-    """Base class of the client's errors."""
-
-
 class BrokerUnreachable(MonitorError):
     """No Kafka broker answered at ``address`` within the bounded wait."""
+
+    exit_code = EXIT_UNREACHABLE
 
     def __init__(self, address: str, waited: float, detail: str = "") -> None:
         self.address = address

@@ -44,6 +44,7 @@ from pydantic_core import from_json
 
 from monitor.config import WorkerSettings
 from monitor.engine import BudgetExceeded, Engine, EngineError, make_engine
+from monitor.errors import MonitorError
 from monitor.models import Alert, DeadLetter, EventBatch, SourceRef, Verdict, Violation
 from monitor.policy import LoadedPolicy, PolicySet
 from monitor.state import SessionHead, SessionStore, StateCorrupted
@@ -56,7 +57,7 @@ FAILED_REASON = "the policy check failed"
 FAILURE_PREFIXES = (BUDGET_REASON, ERROR_REASON, FAILED_REASON)
 
 
-class Rejected(Exception):
+class Rejected(MonitorError):
     """A record that is not a valid EventBatch; carries what the dead letter needs."""
 
     def __init__(self, kind: str, reason: str, session_id: str | None = None,

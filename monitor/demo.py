@@ -4,274 +4,52 @@
    ``agent-monitor broker start`` if it runs, else a local single-node broker started from Kafka's
    jars (fetched once by Maven);
 2. topics under a fresh ``demo-...`` prefix;
-3. a worker subprocess (``python -m monitor.cli run --policy examples/policies ...``), awaited
-   until it prints ``agent-monitor worker ready``;
+3. a worker subprocess (:class:`~monitor.worker_process.WorkerProcess` serving
+   ``examples/policies``), awaited until it prints ``agent-monitor worker ready``;
 4. every sample session (``examples/sessions``) played batch by batch with
    :meth:`MonitorClient.check_batch`, verdicts and alerts shown as they arrive;
 5. a summary (expected vs actual per session, totals, alerts, latency p50/p95); worker and broker
    stopped. The exit code is 0 only if every verdict met its expectation.
 
-This module also holds the console rendering that ``agent-monitor tail`` and ``produce --wait`` use,
-and :func:`read_batches`, the input reader of ``produce``.
+Example (starts a broker and a worker; about a minute)::
 
-Example::
-
-    >>> from monitor.models import Verdict
-    >>> render_verdict(Verdict(session_id="s1", batch_id="s1:0", decision="allow")).plain
-    's1  #s1:0  ALLOW'
+    from monitor.demo import run_demo
+    raise SystemExit(run_demo())
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from monitor.client import MonitorError
-from monitor.models import Alert, DeadLetter, EventBatch, Verdict
-from monitor.policy import LoadedPolicy
-from monitor.samples import (
-    Expectation,
-    SampleError,
-    SampleSession,
-    is_sample,
-    load_sample,
-    load_samples,
-)
+from monitor.config import WorkerSettings
+from monitor.console import DECISION_STYLE, make_console, render_alert, render_verdict
+from monitor.models import Alert, Verdict
+from monitor.policy import parse_policies
+from monitor.samples import Expectation, SampleSession, load_sample, load_samples
+from monitor.worker_process import REPO, WorkerProcess
 
-REPO = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from monitor.client import MonitorClient
+
 EXAMPLES = REPO / "examples"
-READY_LINE = "agent-monitor worker ready"
 DEMO_PARTITIONS = 6
-
-SEVERITY_STYLE = {"low": "blue", "medium": "yellow", "high": "red", "critical": "bold red"}
-DECISION_STYLE = {"allow": "bold green", "deny": "bold red"}
-
-
-class DemoError(MonitorError):
-    """The demo could not run (e.g. the worker did not start); the message says why."""
-
-
-# -- rendering (shared with `tail` and `produce --wait`) ---------------------------------------------
-
-def render_verdict(verdict: Verdict, problem: str | None = None, expected: bool = False,
-                   latency_ms: float | None = None) -> Any:
-    """One verdict as a line of rich text: session, batch, decision, each violation with severity
-    and addresses. With ``expected``, a leading mark says whether it met its expectation."""
-    from rich.text import Text
-
-    t = Text()
-    if expected:
-        t.append("✗ " if problem else "✓ ", style="bold red" if problem else "green")
-    t.append(verdict.session_id, style="bold")
-    t.append(f"  #{verdict.batch_id}  ")
-    t.append(verdict.decision.upper(), style=DECISION_STYLE.get(verdict.decision, ""))
-    for v in verdict.violations:
-        t.append("\n    ")
-        t.append(f"[{v.severity}] ", style=SEVERITY_STYLE.get(v.severity, ""))
-        t.append(v.message)
-        if v.addresses:
-            t.append(f"  @ {', '.join(v.addresses)}", style="dim")
-    if verdict.reason and not verdict.violations:
-        t.append(f"  ({verdict.reason})", style="italic")
-    if latency_ms is not None:
-        t.append(f"  {latency_ms:.0f} ms", style="dim")
-    if problem:
-        t.append(f"\n    {problem}", style="bold red")
-    return t
-
-
-def render_alert(alert: Alert) -> Any:
-    from rich.text import Text
-
-    t = Text()
-    t.append("ALERT ", style="bold magenta")
-    t.append(f"[{alert.severity}] ", style=SEVERITY_STYLE.get(alert.severity, ""))
-    t.append(f"{alert.session_id} #{alert.batch_id}  ", style="bold")
-    t.append(alert.message)
-    if alert.addresses:
-        t.append(f"  @ {', '.join(alert.addresses)}", style="dim")
-    t.append(f"  id {alert.alert_id[:12]}", style="dim")
-    return t
-
-
-def render_dead_letter(dead: DeadLetter) -> Any:
-    from rich.text import Text
-
-    t = Text()
-    t.append("DEAD LETTER ", style="bold yellow")
-    t.append(f"{dead.kind}  ", style="yellow")
-    if dead.session_id:
-        t.append(f"{dead.session_id} #{dead.batch_id or '?'}  ", style="bold")
-    t.append(dead.reason)
-    t.append(f"  from {dead.source.topic}[{dead.source.partition}]@{dead.source.offset}, {dead.size} bytes",
-             style="dim")
-    return t
-
-
-def render_record(record: BaseModel) -> Any:
-    """Any monitor record as a line of rich text (what ``agent-monitor tail`` prints)."""
-    if isinstance(record, Alert):
-        return render_alert(record)
-    if isinstance(record, Verdict):
-        return render_verdict(record)
-    if isinstance(record, DeadLetter):
-        return render_dead_letter(record)
-    return record.model_dump_json()
-
-
-# -- input of `produce` -----------------------------------------------------------------------------
-
-def _short(exc: ValidationError, limit: int = 3) -> str:
-    errs = exc.errors()
-    parts = [f"{'.'.join(str(x) for x in e['loc']) or '<record>'}: {e['msg']}" for e in errs[:limit]]
-    return "; ".join(parts) + (f" (+{len(errs) - limit} more)" if len(errs) > limit else "")
-
-
-def _to_batch(data: Any, where: str, session_id: str | None) -> EventBatch:
-    if not isinstance(data, dict):
-        raise SampleError(f"{where}: expected a JSON object (an EventBatch), got {type(data).__name__}")
-    data = dict(data)
-    data.setdefault("batch_id", uuid.uuid4().hex)  # a fresh idempotency key for hand-written input
-    if session_id:
-        data["session_id"] = session_id
-    try:
-        return EventBatch.model_validate(data)
-    except ValidationError as exc:
-        raise SampleError(f"{where}: not an EventBatch: {_short(exc)}") from None
-
-
-def read_batches(text: str, source: str = "<input>", session_id: str | None = None
-                 ) -> tuple[list[EventBatch], list[Expectation] | None]:
-    """Parse ``produce`` input: one EventBatch object, a JSON list of them, JSON Lines, or a sample
-    session (then its expectations come back too). Errors name ``source`` and the line.
-
-    >>> bs, exp = read_batches('{"session_id": "s", "events": [{"role": "user", "content": "hi"}]}')
-    >>> bs[0].session_id, len(bs[0].batch_id), exp
-    ('s', 32, None)
-    >>> [b.seq for b in read_batches('{"session_id": "a", "seq": 0, "events": [{"role": "user"}]}\\n'
-    ...                              '{"session_id": "a", "seq": 1, "events": [{"role": "user"}]}')[0]]
-    [0, 1]
-    """
-    stripped = text.strip()
-    if not stripped:
-        raise SampleError(f"{source}: no input (expected EventBatch JSON, JSON Lines or a sample session)")
-    try:
-        whole = json.loads(stripped)
-    except json.JSONDecodeError:
-        whole = None
-        lines = True
-    else:
-        lines = False
-    if not lines:
-        if is_sample(whole):
-            try:
-                sample = SampleSession.model_validate(whole)
-            except ValidationError as exc:
-                raise SampleError(f"{source}: not a sample session: {_short(exc)}") from None
-            return sample.event_batches(session_id), list(sample.expect)
-        if isinstance(whole, list):
-            return [_to_batch(item, f"{source}[{i}]", session_id) for i, item in enumerate(whole)], None
-        return [_to_batch(whole, source, session_id)], None
-    batches = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SampleError(f"{source}:{n}: not JSON: {exc.msg} (column {exc.colno})") from None
-        batches.append(_to_batch(data, f"{source}:{n}", session_id))
-    return batches, None
-
-
-# -- the worker subprocess --------------------------------------------------------------------------
-
-class WorkerProcess:
-    """``agent-monitor run`` as a child process; :meth:`wait_ready` waits for its ready line.
-
-    Its stdout and stderr go to files, not pipes, so a worker left running (``demo --keep``) never
-    dies of a closed pipe once the demo exits.
-    """
-
-    def __init__(self, args: Sequence[str], log_path: Path) -> None:
-        self.args = list(args)
-        self.log_path = log_path
-        self.out_path = log_path.with_suffix(".out")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_line = ""
-
-    def start(self, new_session: bool = False) -> WorkerProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "ab") as err, open(self.out_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "monitor.cli", "run", *self.args], cwd=REPO, env=env,
-                stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=new_session,
-            )
-        return self
-
-    def _ready_line(self) -> str | None:
-        try:
-            text = self.out_path.read_text(errors="replace")
-        except OSError:
-            return None
-        for line in text.splitlines():
-            if READY_LINE in line:
-                return line[line.index(READY_LINE):]
-        return None
-
-    def log_tail(self, chars: int = 3000) -> str:
-        parts = []
-        for path in (self.out_path, self.log_path):
-            try:
-                parts.append(path.read_text(errors="replace")[-chars:])
-            except OSError:
-                pass
-        return "\n".join(p.strip() for p in parts if p.strip())
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            line = self._ready_line()
-            if line:
-                self.ready_line = line
-                return
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise DemoError(f"the worker exited with code {self.proc.returncode} before it was ready; "
-                                f"its log ends with:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise DemoError(f"the worker was not ready after {timeout:.0f}s "
-                                f"(no '{READY_LINE}' line); its log ends with:\n{self.log_tail()}")
-            time.sleep(0.2)
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
 
 # -- the demo -------------------------------------------------------------------------------------
 
-class BatchResult(BaseModel):
+class PlayedBatch(BaseModel):
+    """One batch of a sample as the demo played it: what it expected, got, and how fast."""
+
     sample: str
     session_id: str
     batch_id: str
@@ -293,26 +71,6 @@ def _load_sessions(path: Path) -> list[SampleSession]:
     return [load_sample(path)] if path.is_file() else load_samples(path)
 
 
-def parse_policies(path: str | Path) -> list[LoadedPolicy]:
-    """Each policy file of ``path`` (a file, or a folder's files in name order) parsed once, as
-    ``policy check`` and ``run`` validate before anything starts; a file that does not parse raises
-    PolicyLoadError naming it and the line. (The worker then loads the full policy set.)
-
-    >>> [p.policy_id for p in parse_policies(EXAMPLES / "policies")][:2]
-    ['copyright', 'direct_succession']
-    """
-    from monitor.policy import PolicyLoadError, load_policy_text, policy_files
-
-    loaded = []
-    for f in policy_files(path):
-        try:
-            text = f.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PolicyLoadError(f"{f}: cannot read the policy: {exc}", str(f)) from None
-        loaded.append(load_policy_text(text, policy_id=f.stem, source=str(f)))
-    return loaded
-
-
 def _served_ids(policy_path: Path) -> set[str]:
     """The policy ids a worker serving ``policy_path`` answers to (file stems, and a folder's name
     for all files combined)."""
@@ -322,7 +80,7 @@ def _served_ids(policy_path: Path) -> set[str]:
     return ids
 
 
-def _resolve_broker(bootstrap: str | None, keep: bool, console: Any) -> tuple[str, Any]:
+def _resolve_broker(bootstrap: str | None, keep: bool, console: Console) -> tuple[str, Any]:
     """The cluster to use and, if the demo started one, the thing to stop afterwards."""
     from monitor import broker as broker_mod
 
@@ -345,120 +103,45 @@ def _resolve_broker(bootstrap: str | None, keep: bool, console: Any) -> tuple[st
 def run_demo(policy: str | None = None, sessions: str | None = None, keep: bool = False,
              engine: str = "incremental", timeout: float = 60.0, bootstrap_servers: str | None = None,
              ready_timeout: float = 240.0) -> int:
-    """Run the demo; returns 0 only if every verdict met its sample's expectation.
-
-    Example (starts a broker and a worker; about a minute)::
-
-        from monitor.demo import run_demo
-        raise SystemExit(run_demo())
-    """
-    from rich.console import Console
-    from rich.markup import escape
-
-    from monitor.client import (
-        AlertConsumer,
-        MonitorClient,
-        VerdictTimeout,
-        wait_for_broker,
-    )
+    """Run the demo; returns 0 only if every verdict met its sample's expectation (see the module
+    docstring)."""
+    from monitor.client import MonitorClient, wait_for_broker
     from monitor.topics import create_topics
 
-    console = Console(highlight=False)
-    if not console.is_terminal:  # `make demo | tee`, CI logs: rich would assume 80 columns
-        console.width = 120
+    console = make_console()  # `make demo | tee`, CI logs: 120 columns
     policy_path = Path(policy) if policy else EXAMPLES / "policies"
-    sessions_path = Path(sessions) if sessions else EXAMPLES / "sessions"
     served = _served_ids(policy_path)  # a bad policy stops the demo before any broker starts
-    samples = _load_sessions(sessions_path)
-    playable = [s for s in samples if s.policy in served]
-    for s in samples:
-        if s.policy not in served:
-            console.print(escape(f"skipping {s.name}: policy {s.policy!r} is not served by {policy_path}"),
-                          style="yellow")
+    playable = _playable(_load_sessions(Path(sessions) if sessions else EXAMPLES / "sessions"), served,
+                         policy_path, console)
     if not playable:
-        console.print(escape(f"no sample session uses a policy of {policy_path} "
-                             f"(it serves {', '.join(sorted(served))})"), style="red")
         return 2
 
     bootstrap, local_broker = _resolve_broker(bootstrap_servers, keep, console)
     worker: WorkerProcess | None = None
-    alerts: list[Alert] = []
-    alert_reader: AlertConsumer | None = None
-    alert_thread: threading.Thread | None = None
-    results: list[BatchResult] = []
+    alerts: _AlertReader | None = None
+    results: list[PlayedBatch] = []
     prefix = ""
     try:
         wait_for_broker(bootstrap, 30)
         prefix = f"demo-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
         created = create_topics(bootstrap, prefix, partitions_override=DEMO_PARTITIONS)
         console.print(f"broker [bold]{bootstrap}[/], topics: {', '.join(r.name for r in created)}")
-
-        data_dir = Path(tempfile.mkdtemp(prefix="agent-monitor-demo-"))
-        worker = WorkerProcess(
-            ["--policy", str(policy_path), "--bootstrap-servers", bootstrap, "--prefix", prefix,
-             "--engine", engine, "--partitions", str(DEMO_PARTITIONS),
-             "--worker-id", "demo", "--log-level", "warning"],
-            log_path=data_dir / "worker.log",
-        ).start(new_session=keep)
-        console.print(f"worker starting (pid {worker.proc.pid if worker.proc else '?'}, "
-                      f"{engine} engine, policies: {', '.join(sorted(served))}) ...")
+        worker = _start_worker(policy_path, bootstrap, prefix, engine, served, keep, console)
         t_start = time.monotonic()
         worker.wait_ready(ready_timeout)
         console.print(f"[green]{worker.ready_line}[/] [dim]after {time.monotonic() - t_start:.1f} s[/]\n")
-
-        alert_reader = AlertConsumer(bootstrap, prefix, from_beginning=True).open()
-
-        def read_alerts() -> None:
-            assert alert_reader is not None
-            for alert in alert_reader:
-                alerts.append(alert)
-                console.print(render_alert(alert))
-
-        alert_thread = threading.Thread(target=read_alerts, name="demo-alerts", daemon=True)
-        alert_thread.start()
-
+        alerts = _AlertReader(bootstrap, prefix, console)
         with MonitorClient(bootstrap, prefix) as client:
-            for sample in playable:
-                console.rule(f"[bold]{escape(sample.name)}[/]  policy [cyan]{escape(sample.policy)}[/]",
-                             align="left")
-                console.print(f"[dim]{escape(sample.description)}[/]")
-                for batch, want in zip(sample.event_batches(), sample.expect):
-                    r = BatchResult(sample=sample.name, session_id=batch.session_id, batch_id=batch.batch_id,
-                                    expected=want)
-                    t0 = time.perf_counter()
-                    try:
-                        r.verdict = client.check_batch(batch, timeout=timeout)
-                        r.latency_ms = (time.perf_counter() - t0) * 1000
-                        r.problem = want.matches_verdict(r.verdict)
-                        console.print(render_verdict(r.verdict, r.problem, expected=True, latency_ms=r.latency_ms))
-                    except VerdictTimeout as exc:
-                        r.problem = str(exc)
-                        console.print(f"[bold red]✗ {escape(batch.session_id)} #{escape(batch.batch_id)}: "
-                                      f"{escape(str(exc))}[/]")
-                    results.append(r)
+            results = [r for sample in playable for r in _play(client, sample, timeout, console)]
         # alerts trail their verdicts by a moment: wait (bounded) for all the verdicts announced
         want_alerts = sum(len(r.verdict.violations) for r in results if r.verdict)
-        deadline = time.monotonic() + 15
-        while len(alerts) < want_alerts and time.monotonic() < deadline:
-            time.sleep(0.1)
-        _summary(console, playable, results, alerts, want_alerts)
+        alerts.wait_for(want_alerts, 15)
+        _summary(console, playable, results, alerts.alerts, want_alerts)
     finally:
-        if alert_reader is not None:
-            alert_reader.stop()
-            if alert_thread is not None:
-                alert_thread.join(5)
-            alert_reader.close()
-        if worker is not None and worker.proc is not None:
-            if keep:
-                console.print(f"\nworker left running: pid {worker.proc.pid} (stop: kill {worker.proc.pid}; "
-                              f"log {worker.log_path}); try:\n  agent-monitor produce "
-                              f"examples/sessions/flow_send_email.json --wait --bootstrap-servers {bootstrap} "
-                              f"--prefix {prefix}")
-            else:
-                code = worker.stop()
-                if code not in (0, -signal.SIGTERM, None):
-                    console.print(f"[yellow]the worker exited with code {code}; its log ends with:[/]\n"
-                                  f"{escape(worker.log_tail(1500))}")
+        if alerts is not None:
+            alerts.close()
+        if worker is not None:
+            _leave_or_stop(worker, keep, bootstrap, prefix, console)
         if local_broker is not None:
             local_broker.stop()
         elif keep and not (bootstrap_servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")):
@@ -467,7 +150,107 @@ def run_demo(policy: str | None = None, sessions: str | None = None, keep: bool 
     return 0 if ok else 1
 
 
-def _summary(console: Any, samples: list[SampleSession], results: list[BatchResult], alerts: list[Alert],
+def _playable(samples: list[SampleSession], served: set[str], policy_path: Path,
+              console: Console) -> list[SampleSession]:
+    """The samples whose policy the worker serves; says which are skipped, and when none is left."""
+    from rich.markup import escape
+
+    playable = [s for s in samples if s.policy in served]
+    for s in samples:
+        if s.policy not in served:
+            console.print(escape(f"skipping {s.name}: policy {s.policy!r} is not served by {policy_path}"),
+                          style="yellow")
+    if not playable:
+        console.print(escape(f"no sample session uses a policy of {policy_path} "
+                             f"(it serves {', '.join(sorted(served))})"), style="red")
+    return playable
+
+
+def _start_worker(policy_path: Path, bootstrap: str, prefix: str, engine: str, served: set[str], keep: bool,
+                  console: Console) -> WorkerProcess:
+    """A worker serving ``policy_path`` on the demo's topics, started (not yet ready)."""
+    data_dir = Path(tempfile.mkdtemp(prefix="agent-monitor-demo-"))
+    settings = WorkerSettings.model_validate({
+        "bootstrap_servers": bootstrap, "topic_prefix": prefix, "policy_path": str(policy_path),
+        "engine": engine, "partitions": DEMO_PARTITIONS, "worker_id": "demo", "log_level": "warning"})
+    worker = WorkerProcess(settings, log_path=data_dir / "worker.log").start(new_session=keep)
+    console.print(f"worker starting (pid {worker.proc.pid if worker.proc else '?'}, "
+                  f"{engine} engine, policies: {', '.join(sorted(served))}) ...")
+    return worker
+
+
+class _AlertReader:
+    """The alerts of the demo's topics, printed and kept as they arrive (on a thread of its own)."""
+
+    def __init__(self, bootstrap: str, prefix: str, console: Console) -> None:
+        from monitor.client import AlertConsumer
+
+        self.alerts: list[Alert] = []
+        self.console = console
+        self.reader = AlertConsumer(bootstrap, prefix, from_beginning=True).open()
+        self.thread = threading.Thread(target=self._read, name="demo-alerts", daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for alert in self.reader:
+            self.alerts.append(alert)
+            self.console.print(render_alert(alert))
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.alerts) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self.reader.stop()
+        self.thread.join(5)
+        self.reader.close()
+
+
+def _play(client: MonitorClient, sample: SampleSession, timeout: float, console: Console) -> list[PlayedBatch]:
+    """Each batch of ``sample`` checked in turn, its verdict printed against its expectation."""
+    from rich.markup import escape
+
+    from monitor.client import VerdictTimeout
+
+    console.rule(f"[bold]{escape(sample.name)}[/]  policy [cyan]{escape(sample.policy)}[/]", align="left")
+    console.print(f"[dim]{escape(sample.description)}[/]")
+    results = []
+    for batch, want in zip(sample.event_batches(), sample.expect, strict=True):
+        r = PlayedBatch(sample=sample.name, session_id=batch.session_id, batch_id=batch.batch_id, expected=want)
+        t0 = time.perf_counter()
+        try:
+            r.verdict = client.check_batch(batch, timeout=timeout)
+            r.latency_ms = (time.perf_counter() - t0) * 1000
+            r.problem = want.matches_verdict(r.verdict)
+            console.print(render_verdict(r.verdict, r.problem, expected=True, latency_ms=r.latency_ms))
+        except VerdictTimeout as exc:
+            r.problem = str(exc)
+            console.print(f"[bold red]✗ {escape(batch.session_id)} #{escape(batch.batch_id)}: "
+                          f"{escape(str(exc))}[/]")
+        results.append(r)
+    return results
+
+
+def _leave_or_stop(worker: WorkerProcess, keep: bool, bootstrap: str, prefix: str, console: Console) -> None:
+    """With ``keep``, say how to use and stop the worker; else stop it, showing its log if it failed."""
+    from rich.markup import escape
+
+    if worker.proc is None:
+        return
+    if keep:
+        console.print(f"\nworker left running: pid {worker.proc.pid} (stop: kill {worker.proc.pid}; "
+                      f"log {worker.log_path}); try:\n  agent-monitor produce "
+                      f"examples/sessions/flow_send_email.json --wait --bootstrap-servers {bootstrap} "
+                      f"--prefix {prefix}")
+        return
+    code = worker.stop()
+    if code not in (0, -signal.SIGTERM, None):
+        console.print(f"[yellow]the worker exited with code {code}; its log ends with:[/]\n"
+                      f"{escape(worker.log_tail(1500))}")
+
+
+def _summary(console: Console, samples: list[SampleSession], results: list[PlayedBatch], alerts: list[Alert],
              want_alerts: int) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -510,14 +293,3 @@ def _summary(console: Any, samples: list[SampleSession], results: list[BatchResu
         console.print(f"[yellow]only {len(alerts)} of {want_alerts} alerts arrived within 15 s[/]")
     else:
         console.print("[bold green]every verdict matched its expectation[/]")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m monitor.demo`` is ``agent-monitor demo``."""
-    from monitor.cli import main as cli_main
-
-    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

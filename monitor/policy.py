@@ -18,6 +18,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from monitor.errors import EXIT_USAGE, MonitorError
 
 POLICY_SUFFIXES = (".gr", ".iv", ".policy", ".inv")
 
@@ -25,8 +28,10 @@ POLICY_SUFFIXES = (".gr", ".iv", ".policy", ".inv")
 os.environ.setdefault("LOCAL_POLICY", "1")
 
 
-class PolicyLoadError(ValueError):
+class PolicyLoadError(MonitorError, ValueError):
     """A policy file is missing, unreadable or does not parse; the message names file and line."""
+
+    exit_code = EXIT_USAGE
 
     def __init__(self, message: str, path: str | None = None, line: int | None = None) -> None:
         super().__init__(message)
@@ -50,6 +55,13 @@ class LoadedPolicy:
         if self._local is None:
             self._local = _parse(self.text, self.sources[0] if len(self.sources) == 1 else None)
         return self._local
+
+    @property
+    def rules(self) -> list[Any]:
+        """The policy's rules (invariant's ``RaisePolicy`` statements), in rule-index order."""
+        from invariant.analyzer.language.ast import RaisePolicy
+
+        return [s for s in self.local.policy_root.statements if isinstance(s, RaisePolicy)]
 
 
 _LINE = re.compile(r"at line (\d+) col")
@@ -92,10 +104,8 @@ def sha256_text(text: str) -> str:
 
 def load_policy_text(text: str, policy_id: str = "inline", source: str | None = None) -> LoadedPolicy:
     """Parse policy text now, so that a bad policy is refused before anything runs."""
-    policy = LoadedPolicy(text=text, policy_id=policy_id, sha256=sha256_text(text),
-                          sources=[source] if source else [])
-    policy._local = _parse(text, source)
-    return policy
+    return LoadedPolicy(text=text, policy_id=policy_id, sha256=sha256_text(text),
+                        sources=[source] if source else [], _local=_parse(text, source))
 
 
 def policy_files(path: str | Path) -> list[Path]:
@@ -112,6 +122,14 @@ def policy_files(path: str | Path) -> list[Path]:
     return [p]
 
 
+def read_policy_file(path: Path) -> str:
+    """A policy file's text; PolicyLoadError names the file when it cannot be read."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyLoadError(f"{path}: cannot read the policy: {exc}", str(path)) from None
+
+
 def load_policy(path: str | Path, policy_id: str | None = None) -> LoadedPolicy:
     """Load one policy file or a folder of them; each file is parsed on its own first so that an
     error names the right file and line.
@@ -122,19 +140,24 @@ def load_policy(path: str | Path, policy_id: str | None = None) -> LoadedPolicy:
     files = policy_files(path)
     texts = []
     for f in files:
-        try:
-            text = f.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PolicyLoadError(f"{f}: cannot read the policy: {exc}", str(f)) from None
+        text = read_policy_file(f)
         _parse(text, str(f))
         texts.append(text if text.endswith("\n") else text + "\n")
     text = "\n".join(texts)
     pid = policy_id or Path(path).stem
-    policy = LoadedPolicy(text=text, policy_id=pid, sha256=sha256_text(text),
-                          sources=[str(f) for f in files])
-    if len(files) == 1:
-        policy._local = _parse(text, str(files[0]))
-    return policy
+    return LoadedPolicy(text=text, policy_id=pid, sha256=sha256_text(text), sources=[str(f) for f in files],
+                        _local=_parse(text, str(files[0])) if len(files) == 1 else None)
+
+
+def parse_policies(path: str | Path) -> list[LoadedPolicy]:
+    """Each policy file of ``path`` (a file, or a folder's files in name order) parsed once, as
+    ``policy check`` and ``run`` validate before anything starts; a file that does not parse raises
+    PolicyLoadError naming it and the line. (The worker then loads the full policy set.)
+
+    >>> [p.policy_id for p in parse_policies(Path(__file__).parent.parent / "examples" / "policies")][:2]
+    ['copyright', 'direct_succession']
+    """
+    return [load_policy_text(read_policy_file(f), policy_id=f.stem, source=str(f)) for f in policy_files(path)]
 
 
 @dataclass

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from monitor.changelog import ChangelogTable, restore, take
+from monitor.errors import MonitorError
 
 log = logging.getLogger("agent_monitor.runtime")
 
@@ -42,7 +43,7 @@ Guarantee = Literal["at-least-once", "exactly-once"]
 GUARANTEES: tuple[str, ...] = ("at-least-once", "exactly-once")
 
 
-class RuntimeFailure(RuntimeError):
+class RuntimeFailure(MonitorError):
     """The runtime cannot go on safely (a record could not be delivered, the producer was fenced);
     the process should exit and be restarted: it resumes from the last commit."""
 

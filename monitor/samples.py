@@ -11,6 +11,7 @@ A sample file (``examples/sessions/*.json``) holds one session::
 
 ``policy`` is a policy id: the stem of a file in the policy folder the worker serves. The demo plays
 these sessions through Kafka; :func:`verify_sample` checks them against an engine directly (no broker).
+:func:`read_batches` reads what ``agent-monitor produce`` is given: EventBatch records or a sample.
 
 Example::
 
@@ -25,19 +26,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from monitor.errors import EXIT_USAGE, MonitorError
 from monitor.models import Decision, EventBatch, Verdict
 
 if TYPE_CHECKING:
     from monitor.policy import PolicySet
 
 
-class SampleError(ValueError):
+class SampleError(MonitorError, ValueError):
     """A sample file is missing or not a valid sample session; the message names the file."""
+
+    exit_code = EXIT_USAGE
 
 
 class Expectation(BaseModel):
@@ -143,6 +148,79 @@ def load_samples(folder: str | Path) -> list[SampleSession]:
     return [load_sample(f) for f in files]
 
 
+# -- the input of `agent-monitor produce` -------------------------------------------------------
+
+def validation_errors(exc: ValidationError, limit: int = 3) -> str:
+    """The first ``limit`` errors of a validation as ``field: message`` parts.
+
+    >>> try:
+    ...     EventBatch.model_validate({"session_id": "", "events": [{"role": "robot"}]})
+    ... except ValidationError as exc:
+    ...     print(validation_errors(exc, 2))
+    session_id: String should have at least 1 character; batch_id: Field required (+1 more)
+    """
+    errs = exc.errors(include_url=False)
+    parts = [f"{'.'.join(str(x) for x in e['loc']) or '<record>'}: {e['msg']}" for e in errs[:limit]]
+    return "; ".join(parts) + (f" (+{len(errs) - limit} more)" if len(errs) > limit else "")
+
+
+def _to_batch(data: Any, where: str, session_id: str | None) -> EventBatch:
+    if not isinstance(data, dict):
+        raise SampleError(f"{where}: expected a JSON object (an EventBatch), got {type(data).__name__}")
+    data = dict(data)
+    data.setdefault("batch_id", uuid.uuid4().hex)  # a fresh idempotency key for hand-written input
+    if session_id:
+        data["session_id"] = session_id
+    try:
+        return EventBatch.model_validate(data)
+    except ValidationError as exc:
+        raise SampleError(f"{where}: not an EventBatch: {validation_errors(exc)}") from None
+
+
+def read_batches(text: str, source: str = "<input>", session_id: str | None = None
+                 ) -> tuple[list[EventBatch], list[Expectation] | None]:
+    """Parse ``produce`` input: one EventBatch object, a JSON list of them, JSON Lines, or a sample
+    session (then its expectations come back too). Errors name ``source`` and the line.
+
+    >>> bs, exp = read_batches('{"session_id": "s", "events": [{"role": "user", "content": "hi"}]}')
+    >>> bs[0].session_id, len(bs[0].batch_id), exp
+    ('s', 32, None)
+    >>> [b.seq for b in read_batches('{"session_id": "a", "seq": 0, "events": [{"role": "user"}]}\\n'
+    ...                              '{"session_id": "a", "seq": 1, "events": [{"role": "user"}]}')[0]]
+    [0, 1]
+    """
+    stripped = text.strip()
+    if not stripped:
+        raise SampleError(f"{source}: no input (expected EventBatch JSON, JSON Lines or a sample session)")
+    try:
+        whole = json.loads(stripped)
+    except json.JSONDecodeError:
+        whole = None
+        lines = True
+    else:
+        lines = False
+    if not lines:
+        if is_sample(whole):
+            try:
+                sample = SampleSession.model_validate(whole)
+            except ValidationError as exc:
+                raise SampleError(f"{source}: not a sample session: {validation_errors(exc)}") from None
+            return sample.event_batches(session_id), list(sample.expect)
+        if isinstance(whole, list):
+            return [_to_batch(item, f"{source}[{i}]", session_id) for i, item in enumerate(whole)], None
+        return [_to_batch(whole, source, session_id)], None
+    batches = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SampleError(f"{source}:{n}: not JSON: {exc.msg} (column {exc.colno})") from None
+        batches.append(_to_batch(data, f"{source}:{n}", session_id))
+    return batches, None
+
+
 class BatchOutcome(BaseModel):
     """How one batch of a sample fared against an engine."""
 
@@ -170,7 +248,7 @@ async def averify_sample(sample: SampleSession, policy_folder: str | Path | Poli
     try:
         state = eng.initial_state()
         outcomes = []
-        for i, (events, want) in enumerate(zip(sample.batches, sample.expect)):
+        for i, (events, want) in enumerate(zip(sample.batches, sample.expect, strict=True)):
             pending = EventBatch(session_id=sample.session_id, batch_id=str(i), events=events).trace()
             result = await eng.check(state, pending)
             decision: Decision = "deny" if result.matches else "allow"

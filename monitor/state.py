@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from monitor.engine.base import SessionState
+from monitor.errors import MonitorError
 
 _SEP = "\x1f"  # a unit separator cannot be typed into an id by accident; keeps keys unambiguous
 
 
-class StateCorrupted(RuntimeError):
+class StateCorrupted(MonitorError):
     """The head names a state record that is not in the table; the batch fails closed."""
 
 
@@ -84,17 +85,27 @@ def verdict_key(session_id: str, batch_id: str) -> str:
     return f"v{_SEP}{session_id}{_SEP}{batch_id}"
 
 
+class VerdictRecords(Protocol):
+    """Where a store keeps verdict records: the part of a mapping it uses."""
+
+    def get(self, key: str, /) -> Any: ...
+
+    def __setitem__(self, key: str, value: Any, /) -> None: ...
+
+    def pop(self, key: str, default: None, /) -> Any: ...
+
+
 class SessionStore:
     """Reads and commits session state and recent verdicts in a key-value table."""
 
     HEAD_CACHE = 100_000  # sessions whose last written head is remembered (then it starts over)
 
     def __init__(self, table: MutableMapping[str, Any], verdict_memory: int = 64,
-                 verdicts: MutableMapping[str, Any] | None = None) -> None:
+                 verdicts: VerdictRecords | None = None) -> None:
         self.table = table
         # where verdict records go: the table itself (the worker: one changelog), or a mapping of
         # their own (replay: kept on disk, as they are read back only for a repeated batch id)
-        self.verdicts = table if verdicts is None else verdicts
+        self.verdicts: VerdictRecords = table if verdicts is None else verdicts
         self.verdict_memory = verdict_memory
         # the head this store last wrote per session, with the record it wrote: a table that hands
         # back that very record (a dict, the changelog table) needs no validation of it again

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import GenerateJsonSchema
 
 from monitor.config import DEFAULT_PREFIX, TopicNames
+from monitor.errors import MonitorError
 from monitor.models import WIRE_MODELS
 
 SPEC_ENV = "AGENT_MONITOR_TOPICS_SPEC"
@@ -239,7 +240,7 @@ def parse_partition_overrides(items: list[str] | tuple[str, ...]) -> dict[str, i
 # Provisioning
 
 
-class TopicProvisioningError(RuntimeError):
+class TopicProvisioningError(MonitorError):
     """Topics could not be created, or existing ones contradict the spec."""
 
 

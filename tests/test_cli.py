@@ -1,5 +1,5 @@
 """The command line: argparse errors that say what is expected, exit codes (2 bad input/policy,
-3 no broker), policy check/explain, produce and tail against a real broker, the extension hook."""
+3 no broker), policy check/explain, produce and tail against a real broker, every command there."""
 
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from monitor import cli
 from monitor.cli import main
 from monitor.config import TopicNames
-from monitor.demo import read_batches
 from monitor.models import EventBatch, Verdict
-from monitor.samples import SampleError
+from monitor.samples import SampleError, read_batches
 from monitor.topics import create_topics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,30 +241,14 @@ def test_tail_prints_typed_records(kafka_bootstrap: str, topics: TopicNames,
     assert "s2" in out and "ALLOW" in out and "s0" not in out
 
 
-# -- extension hook ---------------------------------------------------------------------------------
+# -- every command -----------------------------------------------------------------------------------
 
-def test_extensions_add_subcommands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "am_ext_hello.py").write_text(textwrap.dedent("""\
-        def register_cli(subparsers):
-            p = subparsers.add_parser("hello", help="say hello")
-            p.add_argument("--name", default="world")
-            p.set_defaults(func=lambda args: print(f"hello {args.name}") or 7)
-    """))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "EXTENSIONS", ["am_ext_hello", "am_ext_not_installed"])
-    assert main(["hello", "--name", "kafka"]) == 7
-    assert capsys.readouterr().out == "hello kafka\n"
-
-
-def test_replay_is_registered_when_present(capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_command_is_there(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("run", "topics", "produce", "tail", "broker", "policy", "demo"):
+    for command in ("run", "topics", "produce", "tail", "broker", "policy", "demo", "replay", "verify"):
         assert f"    {command} " in out
-    if "monitor.replay" in cli.EXTENSIONS:
-        assert "    replay " in out
 
 
 # -- demo -------------------------------------------------------------------------------------------

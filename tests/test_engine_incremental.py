@@ -17,7 +17,7 @@ os.environ["INVARIANT_MAX_ITERATIONS"] = str(10**12)
 from engine_diff import differences  # noqa: E402
 
 import monitor.engine.compiler  # noqa: E402
-import monitor.engine.evaluator  # noqa: E402
+import monitor.engine.conditions  # noqa: E402
 import monitor.engine.incremental  # noqa: E402
 from monitor.engine import make_engine  # noqa: E402
 from monitor.engine.base import EngineError, SessionState  # noqa: E402
@@ -77,7 +77,7 @@ def assistant_calls(*calls):
 
 
 def test_doc_examples_run():
-    for module in (monitor.engine.incremental, monitor.engine.compiler, monitor.engine.evaluator):
+    for module in (monitor.engine.incremental, monitor.engine.compiler, monitor.engine.conditions):
         failed, _ = doctest.testmod(module)
         assert failed == 0, module.__name__
 
@@ -104,6 +104,17 @@ def test_unsupported_rule_runs_on_the_reference_and_says_why():
     assert (first.engine, second.engine) == ("incremental", "reference")
     assert second.message == "two calls"
     assert "quantifier" in second.reason and "last 2000 events" in second.reason
+
+
+@pytest.mark.parametrize("kind", ["incremental", "reference"])
+def test_both_engines_name_a_rule_by_the_message_it_raises(kind):
+    policy = load_policy_text('raise PolicyViolation("bad thing", x=1) if:\n    (m: Message)\n'
+                              '    "bad" in m.content\n\n'
+                              'raise "plain" if:\n    (m: Message)\n    "plain" in m.content\n')
+    engine = make_engine(policy, kind, offload=False)
+    assert [i.message for i in engine.explain()] == ["bad thing", "plain"]
+    result = asyncio.run(engine.check(engine.initial_state(), [{"role": "user", "content": "bad"}]))
+    assert [(m.message, m.kwargs) for m in result.matches] == [("bad thing", {"x": 1})]
 
 
 def test_violation_has_the_references_key_and_addresses_for_a_nested_call():

@@ -12,13 +12,13 @@ import pytest
 from traces import BENIGN, FLOW, SEND_EMAIL, USER_SEND
 from workers import (
     Tail,
-    WorkerProcess,
     batch,
     consume,
     consume_covering,
     produce_batches,
     raw_values,
     topics,
+    worker,
 )
 
 from monitor.broker import free_port
@@ -54,7 +54,7 @@ def essence(v: dict) -> tuple:
 def test_past_counts_and_alerts(kafka_bootstrap, topic_prefix, tmp_path):
     t = topics(topic_prefix)
     port = free_port()
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW), metrics_port=port):
+    with worker(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW), metrics_port=port):
         produce_batches(kafka_bootstrap, t.events, [
             batch("s1", [USER_SEND], "b1", seq=0),
             batch("s1", [BENIGN], "b2", seq=1),
@@ -82,7 +82,7 @@ def test_past_counts_and_alerts(kafka_bootstrap, topic_prefix, tmp_path):
 
 def test_redelivered_batch_repeats_its_verdict(kafka_bootstrap, topic_prefix, tmp_path):
     t = topics(topic_prefix)
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW)):
+    with worker(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW)):
         produce_batches(kafka_bootstrap, t.events, [
             batch("s", [USER_SEND], "b1"),
             batch("s", [SEND_EMAIL], "b2"),
@@ -100,7 +100,7 @@ def test_redelivered_batch_repeats_its_verdict(kafka_bootstrap, topic_prefix, tm
 
 def test_denied_batch_does_not_join_the_past(kafka_bootstrap, topic_prefix, tmp_path):
     t = topics(topic_prefix)
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW)):
+    with worker(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW)):
         produce_batches(kafka_bootstrap, t.events, [
             batch("s", [USER_SEND], "b1"),
             batch("s", [SEND_EMAIL], "b2"),   # denied: never reaches the agent's trace
@@ -126,7 +126,7 @@ def test_malformed_records_go_to_the_dead_letter_topic(kafka_bootstrap, topic_pr
         batch("s", [USER_SEND], "ok1"),
         batch("s", [SEND_EMAIL], "ok2"),
     ]
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW), max_record_bytes=50_000):
+    with worker(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW), max_record_bytes=50_000):
         produce_batches(kafka_bootstrap, t.events, records)
         dead = consume(kafka_bootstrap, t.deadletter, until=5, timeout=60)
         verdicts = consume(kafka_bootstrap, t.verdicts, until=6, timeout=60, idle=5)
@@ -167,8 +167,8 @@ def test_two_workers_share_the_partitions(kafka_bootstrap, topic_prefix, tmp_pat
         if cursors[i] < per_session:
             stream.append(plan[i][cursors[i]])
             cursors[i] += 1
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy, worker_id="a") as a, \
-            WorkerProcess(kafka_bootstrap, topic_prefix, policy, worker_id="b") as b:
+    with worker(kafka_bootstrap, topic_prefix, policy, worker_id="a") as a, \
+            worker(kafka_bootstrap, topic_prefix, policy, worker_id="b") as b:
         deadline = time.monotonic() + 90
         while sorted(a.assigned() + b.assigned()) != list(range(12)) or not a.assigned() or not b.assigned():
             assert time.monotonic() < deadline, f"no stable split: {a.assigned()} / {b.assigned()}"
@@ -198,8 +198,9 @@ def test_state_survives_a_killed_worker(kafka_bootstrap, topic_prefix, tmp_path)
     first = [batch(f"k{i}", [USER_SEND if i % 2 == 0 else BENIGN], f"k{i}-0") for i in range(40)]
     filler = [batch(f"k{i % 40}", [BENIGN], f"k{i % 40}-f{i}") for i in range(3000)]
     last = [batch(f"k{i}", [SEND_EMAIL], f"k{i}-last") for i in range(40)]
-    w = WorkerProcess(kafka_bootstrap, topic_prefix, policy).start()
+    w = worker(kafka_bootstrap, topic_prefix, policy).start()
     try:
+        w.wait_ready()
         produce_batches(kafka_bootstrap, t.events, first)
         assert len(consume(kafka_bootstrap, t.verdicts, until=40, timeout=60)) == 40
         with Tail(kafka_bootstrap, t.verdicts) as tail:
@@ -211,7 +212,7 @@ def test_state_survives_a_killed_worker(kafka_bootstrap, topic_prefix, tmp_path)
     finally:
         w.stop()
     expected = {(b.session_id, b.batch_id) for b in first + filler + last}
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy):
+    with worker(kafka_bootstrap, topic_prefix, policy):
         produce_batches(kafka_bootstrap, t.events, last)
         verdicts = consume_covering(kafka_bootstrap, t.verdicts, expected, timeout=180)
     groups = by_batch(verdicts)
@@ -255,7 +256,7 @@ def test_secrets_detector_over_a_stream(kafka_bootstrap, topic_prefix, tmp_path)
             if not leaks:
                 trace_len += size
     assert n == 300 and expected
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, SECRETS)):
+    with worker(kafka_bootstrap, topic_prefix, policy_file(tmp_path, SECRETS)):
         produce_batches(kafka_bootstrap, t.events, batches)
         verdicts = consume(kafka_bootstrap, t.verdicts, until=len(batches), timeout=120)
         alerts = consume(kafka_bootstrap, t.alerts, timeout=60, idle=5)  # drained: extras would show
@@ -280,7 +281,7 @@ raise "pairs" if:
     a.content == "never" and b.content == "never"
 '''
     many = [{"role": "user", "content": f"m{i}"} for i in range(events)]
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, slow), engine=engine,
+    with worker(kafka_bootstrap, topic_prefix, policy_file(tmp_path, slow), engine=engine,
                        budget_ms=1000):
         produce_batches(kafka_bootstrap, t.events, [batch("slow", many, "big"),
                                                     batch("fast", [BENIGN], "small")])
@@ -295,8 +296,8 @@ raise "pairs" if:
 def test_a_policy_with_a_syntax_error_is_refused(kafka_bootstrap, topic_prefix, tmp_path):
     bad = policy_file(tmp_path, 'raise "x" if:\n    (msg: Message)\n    msg.content == == "x"\n\n'
                              'raise "y" if:\n    (m: Message)\n    "y" in m.content\n', "bad.gr")
-    w = WorkerProcess(kafka_bootstrap, topic_prefix, bad)
-    w.start(wait=False)
+    w = worker(kafka_bootstrap, topic_prefix, bad)
+    w.start()
     assert w.proc.wait(60) == 2
     err = w.log_tail()
     assert "bad.gr:3:" in err and "msg.content == ==" in err
@@ -317,7 +318,7 @@ def test_a_session_of_10000_events_and_10_mb(kafka_bootstrap, topic_prefix, tmp_
     batches.append(batch("long", [SEND_EMAIL], "last"))
     total_bytes = sum(len(b.model_dump_json()) for b in batches)
     assert n + 1 == 10_000 and total_bytes > 10_000_000
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW)):
+    with worker(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW)):
         produce_batches(kafka_bootstrap, t.events, batches)
         verdicts = consume(kafka_bootstrap, t.verdicts, until=len(batches), timeout=240)
     assert len(verdicts) == len(batches)
@@ -337,7 +338,7 @@ def test_exactly_once_verdicts_are_transactional_and_the_sdk_reads_them(kafka_bo
     from monitor.client import MonitorClient
 
     t = topics(topic_prefix)
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW), guarantee="exactly-once"):
+    with worker(kafka_bootstrap, topic_prefix, policy_file(tmp_path, FLOW), guarantee="exactly-once"):
         with MonitorClient(kafka_bootstrap, topic_prefix) as client:
             assert client.check("s", [USER_SEND], timeout=60).decision == "allow"
             denied = client.check("s", [SEND_EMAIL], timeout=60)

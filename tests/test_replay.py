@@ -136,9 +136,9 @@ def test_folder_of_mixed_files_names_sessions_by_relative_path(tmp_path, send_po
 
 @pytest.mark.parametrize("flush", [20_000, 1])  # 1: every remembered verdict is read back from disk
 def test_duplicate_batch_repeats_its_verdict_and_does_not_advance(tmp_path, send_policy, monkeypatch, flush):
-    from monitor import replay as replay_module
+    from monitor.replay.spool import VerdictSpill
 
-    monkeypatch.setattr(replay_module._VerdictSpill, "FLUSH", flush)
+    monkeypatch.setattr(VerdictSpill, "FLUSH", flush)
     f = tmp_path / "dup.jsonl"
     f.write_text("\n".join([
         record("s", "1", [user("send")]),
@@ -316,6 +316,28 @@ def test_sharded_replay_gives_the_same_report(tmp_path, send_policy):
     assert one["totals"]["decisions"]["deny"] > 5 and one["compare"]["changes"]
     for shards in (2, 3):
         assert strip_volatile((tmp_path / f"r{shards}.json").read_text()) == one
+
+
+def test_a_rule_counts_each_batch_once_and_shard_tallies_add_up():
+    from monitor.models import Violation
+    from monitor.replay.tally import Tally
+    from monitor.report import BatchResult
+
+    def result(*messages: str) -> BatchResult:
+        return BatchResult(batch_id="b", source="x", events=1, start=0, decision="deny", policy_id="p",
+                           violations=[Violation(alert_id=f"{m}{i}", rule_index=0 if m == "a" else 1, message=m,
+                                                 key=f"{m}{i}") for i, m in enumerate(messages)])
+
+    one, two = Tally(), Tally()
+    one.count_rules("s1", result("a", "a", "b"))  # rule a matched twice in one batch
+    one.count_rules("s1", result("a"))
+    two.count_rules("s2", result("a"))
+    assert [(r.message, r.violations, r.batches, r.sessions) for r in one.rule_totals()] == [
+        ("a", 3, 2, 1), ("b", 1, 1, 1)]
+    merged = Tally.merge([one, two])
+    assert [(r.message, r.violations, r.batches, r.sessions) for r in merged.rule_totals()] == [
+        ("a", 4, 3, 2), ("b", 1, 1, 1)]
+    assert [(r.violations, r.sessions) for r in one.rule_totals()] == [(3, 1), (1, 1)]  # its parts unchanged
 
 
 def test_unreadable_files_are_listed_and_the_rest_is_replayed(tmp_path, send_policy):

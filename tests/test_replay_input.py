@@ -17,6 +17,11 @@ import pytest
 import monitor.models
 import monitor.policy
 import monitor.replay
+import monitor.replay.evaluate
+import monitor.replay.evidence
+import monitor.replay.sources
+import monitor.replay.spool
+import monitor.replay.tally
 import monitor.report
 import monitor.samples
 import monitor.state
@@ -43,8 +48,9 @@ def cli(*args: str):
 
 
 def test_doc_examples_of_replay_and_what_it_builds_on_run():
-    for module in (monitor.replay, monitor.report, monitor.core, monitor.state, monitor.models,
-                   monitor.policy, monitor.samples):
+    for module in (monitor.replay, monitor.replay.sources, monitor.replay.evaluate, monitor.replay.spool,
+                   monitor.replay.tally, monitor.replay.evidence, monitor.report, monitor.core, monitor.state,
+                   monitor.models, monitor.policy, monitor.samples):
         failed, tried = doctest.testmod(module)
         assert failed == 0 and tried > 0, module.__name__
 
@@ -345,4 +351,4 @@ def test_a_report_written_into_an_input_folder_is_no_input(tmp_path, send_policy
 def test_cli_refuses_a_record_limit_below_the_worker_s_and_no_shards(tmp_path, send_policy):
     for flag, value in [("--max-record-bytes", "10"), ("--shards", "0")]:
         run = cli("replay", str(tmp_path), "--policy", str(send_policy), flag, value)
-        assert run.returncode == 2 and flag in run.stderr and "at least" in run.stderr, run.stderr
+        assert run.returncode == 2 and flag in run.stderr and "expected a whole number >=" in run.stderr, run.stderr

@@ -16,7 +16,7 @@ from monitor.models import EventBatch
 from monitor.replay import ReplayError, ReplayRequest, run_replay, verify_report
 from monitor.report import Report
 from monitor.topics import create_topics
-from workers import WorkerProcess, batch, consume, produce_batches, topics
+from workers import batch, consume, produce_batches, topics, worker
 
 FLOW = '''raise "Must not call tool after user uses keyword" if:
     (msg: Message) -> (tool: ToolCall)
@@ -161,7 +161,7 @@ def test_live_worker_verdicts_equal_a_replay_of_the_events_topic(kafka_bootstrap
         batch("sess-03", [USER_HI], "unknown-policy", policy="nope"),
     ]
     expected = len(records) - 1  # garbage has no ids: dead letter only, no verdict
-    with WorkerProcess(kafka_bootstrap, topic_prefix, _policy(tmp_path)):
+    with worker(kafka_bootstrap, topic_prefix, _policy(tmp_path)):
         produce_batches(kafka_bootstrap, t.events, records)
         live = consume(kafka_bootstrap, t.verdicts, until=expected, timeout=120)
         alerts = consume(kafka_bootstrap, t.alerts, timeout=30, idle=3)
@@ -207,7 +207,7 @@ def test_rejected_records_and_capped_verdicts_replay_and_publish_as_the_worker_g
         batch("s", [{"role": "user", "content": "hi"}], "b1", seq=1),  # evaluated, not taken for a redelivery
         many, many,  # 205 violations: the verdict lists 200, then its redelivery repeats it
     ]
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy, partitions=1):
+    with worker(kafka_bootstrap, topic_prefix, policy, partitions=1):
         produce_batches(kafka_bootstrap, t.events, records)
         live = consume(kafka_bootstrap, t.verdicts, until=4, timeout=120)
     assert [(v["batch_id"], v["decision"], len(v["violations"]), v["violations_omitted"]) for v in live] == [

@@ -9,7 +9,7 @@ import uuid
 
 from confluent_kafka import Consumer, TopicPartition
 from traces import BENIGN, FLOW, SEND_EMAIL, USER_SEND
-from workers import WorkerProcess, batch, consume_covering, produce_batches, topics
+from workers import batch, consume_covering, produce_batches, topics, worker
 
 from monitor.config import WorkerSettings
 from monitor.core import BatchEvaluator
@@ -60,7 +60,7 @@ def test_idle_sessions_expire_and_an_ended_session_starts_afresh(kafka_bootstrap
     t = topics(topic_prefix)
     policy = tmp_path / "flow.gr"
     policy.write_text(FLOW)
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy, session_ttl_s=10.0):
+    with worker(kafka_bootstrap, topic_prefix, policy, session_ttl_s=10.0):
         first = [batch("idle", [USER_SEND], "i1"), batch("ended", [USER_SEND], "e1"),
                  batch("ended", [BENIGN], "e2", end_session=True), batch("keep", [BENIGN], "k0")]
         produce_batches(kafka_bootstrap, t.events, first)

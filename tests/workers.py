@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -19,95 +13,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from monitor.config import TopicNames, WorkerSettings
 from monitor.models import EventBatch
-
-ROOT = Path(__file__).resolve().parent.parent
-READY = "agent-monitor worker ready"
+from monitor.worker_process import WorkerProcess
 
 
-class WorkerProcess:
-    """A monitor worker in its own process, as it runs in production."""
-
-    def __init__(self, bootstrap: str, prefix: str, policy: str | Path, **settings: Any) -> None:
-        self.settings = WorkerSettings(bootstrap_servers=bootstrap, topic_prefix=prefix,
-                                       policy_path=str(policy), **settings)
-        self.proc: subprocess.Popen | None = None
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.stderr_path = Path(tempfile.mkstemp(prefix="worker-", suffix=".log")[1])
-
-    def start(self, wait: bool = True, timeout: float = 90.0) -> "WorkerProcess":
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self._stderr = open(self.stderr_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor.worker", self.settings.model_dump_json()],
-            stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL, cwd=ROOT, env=env,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        if wait:
-            try:
-                self.wait_ready(timeout=timeout)
-            except BaseException:
-                self.stop()  # a worker that never got ready must not outlive its test
-                raise
-        return self
-
-    def _read(self) -> None:
-        assert self.proc and self.proc.stdout
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def ready_lines(self) -> list[str]:
-        with self._cond:
-            return [ln for ln in self.lines if READY in ln]
-
-    def assigned(self) -> list[int]:
-        lines = self.ready_lines()
-        if not lines:
-            return []
-        part = lines[-1].rsplit("assigned=", 1)[-1]
-        return [int(p) for p in part.split(",") if p]
-
-    def wait_ready(self, count: int = 1, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while len([ln for ln in self.lines if READY in ln]) < count:
-                if self.proc and self.proc.poll() is not None:
-                    raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"worker not ready after {timeout}s (log {self.stderr_path}):\n"
-                                       f"{self.log_tail()}")
-                self._cond.wait(min(left, 0.5))
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if getattr(self, "_stderr", None):
-            self._stderr.close()
-
-    def __enter__(self) -> "WorkerProcess":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def worker(bootstrap: str, prefix: str, policy: str | Path, **settings: Any) -> WorkerProcess:
+    """A monitor worker in its own process, as it runs in production (``with`` starts it and waits
+    until it is ready)."""
+    return WorkerProcess(WorkerSettings(bootstrap_servers=bootstrap, topic_prefix=prefix,
+                                        policy_path=str(policy), **settings))
 
 
 def producer(bootstrap: str) -> Producer:

@@ -30,7 +30,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
-from monitor.broker import KAFKA_VERSION, LOG4J_VERSION, SLF4J_VERSION, _POM, BrokerError, cache_dir, fetch_jars
+from monitor.broker import KAFKA_VERSION, LOG4J_VERSION, MAVEN_POM, SLF4J_VERSION, BrokerError, cache_dir, fetch_jars
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -178,7 +178,7 @@ def kafka_image_jars(version: str = KAFKA_VERSION) -> Path:
         return libs
     work = libs.parent / "image-pom"
     work.mkdir(parents=True, exist_ok=True)
-    pom = _POM.format(kafka=version, slf4j=SLF4J_VERSION, log4j=LOG4J_VERSION).replace(
+    pom = MAVEN_POM.format(kafka=version, slf4j=SLF4J_VERSION, log4j=LOG4J_VERSION).replace(
         "</dependencies>",
         f"  <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId>"
         f"<version>{version}</version></dependency>\n  </dependencies>")

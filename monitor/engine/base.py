@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
+from monitor.errors import MonitorError
 from monitor.models import Match
 from monitor.policy import LoadedPolicy
 
@@ -61,7 +62,7 @@ class RuleInfo(BaseModel):
     reason: str = ""
 
 
-class EngineError(RuntimeError):
+class EngineError(MonitorError):
     """The policy raised while it was evaluated; the batch fails closed."""
 
 

@@ -23,7 +23,7 @@ Example::
     >>> from monitor.engine.compiler import compile_policy
     >>> p = load_policy_text('raise "x" if:\\n    (m: Message) -> (t: ToolCall)\\n'
     ...                      '    "send" in m.content\\n    t is tool:send_email\\n')
-    >>> [r.compiled is not None for r in compile_policy(p.local)]
+    >>> [r.compiled is not None for r in compile_policy(p)]
     [True]
 """
 
@@ -38,14 +38,17 @@ from invariant.analyzer.language import ast
 from invariant.analyzer.language.scope import InputData, VariableDeclaration
 from invariant.analyzer.runtime.evaluation import Interpreter, Unknown
 
-from monitor.engine.evaluator import DirectContext, compile_fast
+from monitor.engine.conditions import DirectContext, compile_fast
+from monitor.engine.support import rule_message
+from monitor.errors import MonitorError
+from monitor.policy import LoadedPolicy
 
 SUPPORTED_TYPES = ("Message", "ToolCall", "ToolOutput")
 
 DECL, ARROW, OWN, JOIN = "decl", "arrow", "own", "join"
 
 
-class Unsupported(Exception):
+class Unsupported(MonitorError):
     """A construct the incremental compiler does not handle; the message says which and where."""
 
 
@@ -66,7 +69,7 @@ class Cond:
     expr: Any = None
     vars: tuple[int, ...] = ()
     direct: bool = False  # for ARROW: ~> (directly preceding) rather than ->
-    fast: Any = None  # plain-Python evaluator for common shapes (evaluator.compile_fast)
+    fast: Any = None  # plain-Python evaluator for common shapes (conditions.compile_fast)
 
 
 @dataclass
@@ -399,22 +402,12 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
                         links_outputs=bool(links))
 
 
-def rule_message(rule: Any) -> str:
-    exc = rule.exception_or_constructor
-    if type(exc) is ast.StringLiteral:
-        return exc.value
-    try:
-        return str(exc.args[0].value)
-    except (AttributeError, IndexError):
-        return str(exc)
-
-
-def compile_policy(local: Any) -> list[RulePlan]:
-    """One plan per rule of an invariant ``LocalPolicy``, in rule-index order."""
-    rules = [s for s in local.policy_root.statements if isinstance(s, ast.RaisePolicy)]
+def compile_policy(policy: LoadedPolicy) -> list[RulePlan]:
+    """One plan per rule of a policy, in rule-index order."""
+    local = policy.local
     rule_objs = local.rule_set.rules
     plans = []
-    for i, rule in enumerate(rules):
+    for i, rule in enumerate(policy.rules):
         globals_ = rule_objs[i].globals
         try:
             compiled = compile_rule(i, rule, globals_, local.rule_set.symbol_table)

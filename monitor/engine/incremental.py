@@ -65,7 +65,7 @@ from monitor.engine.base import (
     SessionState,
 )
 from monitor.engine.compiler import ARROW, DECL, OWN, CompiledRule, RulePlan, compile_policy
-from monitor.engine.evaluator import (
+from monitor.engine.conditions import (
     FALSE,
     OTHER,
     RAISE,
@@ -84,7 +84,7 @@ from monitor.engine.evaluator import (
     parse_flat,
     prepared_events,
 )
-from monitor.engine.reference import DEFAULT_MAX_HISTORY, LoopPool, jsonable, shift_address, within
+from monitor.engine.support import DEFAULT_MAX_HISTORY, LoopPool, error_kwargs, error_message, error_to_match, within
 from monitor.models import Match
 from monitor.policy import LoadedPolicy
 
@@ -139,7 +139,7 @@ class IncrementalEngine(Engine):
         super().__init__(policy)
         self.local = policy.local
         self.max_history = max_history
-        self.plans: list[RulePlan] = compile_policy(self.local)
+        self.plans: list[RulePlan] = compile_policy(policy)
         self.compiled: list[CompiledRule] = [p.compiled for p in self.plans if p.compiled]
         self.fallback: list[int] = [p.index for p in self.plans if p.compiled is None]
         self._ctx = DirectContext(self.local.rule_set.symbol_table)
@@ -546,7 +546,7 @@ class IncrementalEngine(Engine):
         except Exception as err:  # noqa: BLE001 - the reference aborts the same way
             raise EngineError(f"rule {rule.index}: {type(err).__name__}: {err}") from err
         if isinstance(exc, ErrorInformation):
-            return " ".join(str(a) for a in exc.args), {k: jsonable(v) for k, v in exc.kwargs.items()}
+            return error_message(exc), error_kwargs(exc)
         if exc is None:
             return None, {}
         return str(exc), {}
@@ -576,7 +576,5 @@ class IncrementalEngine(Engine):
                                        for i in idx)))
             except (ValueError, SyntaxError, TypeError, IndexError):
                 rule, key = -1, str(err.key)
-            out.append(Match(rule_index=rule, message=" ".join(str(a) for a in err.args), key=key,
-                             addresses=[shift_address(r.json_path, offset) for r in err.ranges],
-                             kwargs={k: jsonable(v) for k, v in err.kwargs.items()}))
+            out.append(error_to_match(err, offset, rule, key))
         return out

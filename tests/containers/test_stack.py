@@ -32,11 +32,11 @@ from monitor.client import MonitorClient
 from monitor.models import Verdict
 from monitor.samples import SampleSession, load_samples
 from monitor.topics import topic_specs
+from monitor.worker import READY_LINE
 
 pytestmark = pytest.mark.containers
 
 ROOT = Path(__file__).resolve().parents[2]
-READY = "agent-monitor worker ready"
 TOKEN = secrets.token_hex(32)
 HOST_BOOTSTRAP = "127.0.0.1:29092"  # the HOST listener docker-compose.yml publishes (checked below)
 
@@ -90,10 +90,10 @@ def _wait_for_workers(stack: Stack, timeout: float = 180.0) -> None:
         exited = [w.name for w in states if w.status == "exited"]
         if exited:
             pytest.fail(f"worker(s) {exited} exited:\n{stack.logs('worker')}", pytrace=False)
-        if all(READY in w.logs(stderr=False).decode(errors="replace") for w in states):
+        if all(READY_LINE in w.logs(stderr=False).decode(errors="replace") for w in states):
             return
         if time.monotonic() > deadline:
-            pytest.fail(f"the workers printed no {READY!r} within {timeout:.0f}s:\n{stack.logs('worker')}",
+            pytest.fail(f"the workers printed no {READY_LINE!r} within {timeout:.0f}s:\n{stack.logs('worker')}",
                         pytrace=False)
         time.sleep(1)
 

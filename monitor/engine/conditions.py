@@ -10,7 +10,7 @@ single conditions, and turns the ranges a condition marks into whole-trace addre
 Example::
 
     >>> import asyncio
-    >>> from monitor.engine.evaluator import parse_flat, prepared_events
+    >>> from monitor.engine.conditions import parse_flat, prepared_events
     >>> prepared, last = prepared_events([{"role": "assistant", "content": None, "tool_calls": [
     ...     {"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}]}], None)
     >>> _, elements, _ = parse_flat(prepared, 5, 0)
@@ -33,7 +33,9 @@ from invariant.analyzer.runtime.function_cache import call_either_way
 from invariant.analyzer.runtime.input import Input
 from invariant.analyzer.runtime.nodes import Contents, Event, Message, ToolCall, ToolOutput
 
-# Outcome of one condition for one assignment, as invariant's rule body sees it.
+from monitor.errors import MonitorError
+
+# The status of one condition for one assignment, as invariant's rule body sees it.
 TRUE, FALSE, RAISE, OTHER = "T", "F", "R", "X"
 
 
@@ -386,7 +388,7 @@ def link_outputs(parsed: list[Any], prepared: list[dict[str, Any]],
 
 
 @dataclass
-class Outcome:
+class ConditionOutcome:
     """What one condition gave for one assignment: status, marked ranges, error text."""
 
     status: str
@@ -407,7 +409,7 @@ def key_part(value: Any) -> Any:
 
 
 async def evaluate(expr: Any, store: dict, globals_: Any, ctx: DirectContext,
-                   index: EventIndex, fast: Any = None) -> Outcome:
+                   index: EventIndex, fast: Any = None) -> ConditionOutcome:
     """Evaluate one rule-body expression under ``store`` (VariableDeclaration -> object).
 
     ``store`` is updated in place, as invariant's interpreter updates its variable store.
@@ -434,12 +436,12 @@ async def evaluate(expr: Any, store: dict, globals_: Any, ctx: DirectContext,
             value, found = await Interpreter.eval(expr, store, globals_,
                                                   evaluation_context=ctx, return_ranges=True)
         except Exception as exc:  # noqa: BLE001 - the reference aborts on any exception
-            return Outcome(RAISE, error=f"{type(exc).__name__}: {exc}")
+            return ConditionOutcome(RAISE, error=f"{type(exc).__name__}: {exc}")
         finally:
             INTERPRETER_STACK.reset(token)
         ranges = [(int(r.object_id), r.start, r.end) for r in found]
     if value is False:
-        return Outcome(FALSE)
+        return ConditionOutcome(FALSE)
     status = TRUE if (value is True or value is NOP) else OTHER
     marks = []
     for obj_id, start, end in ranges:
@@ -452,14 +454,15 @@ async def evaluate(expr: Any, store: dict, globals_: Any, ctx: DirectContext,
             value = store[decl]
             origin = value["__origin__"] if type(value) is dict and "__origin__" in value else value
             leaks.append((decl.name, key_part(value), index.locate(id(origin))))
-    return Outcome(status, marks, leaks=leaks)
+    return ConditionOutcome(status, marks, leaks=leaks)
 
 
 # shared: callers only read an outcome
-_FALSE_OUTCOME, _TRUE_OUTCOME, _OTHER_OUTCOME = Outcome(FALSE), Outcome(TRUE), Outcome(OTHER)
+_FALSE_OUTCOME, _TRUE_OUTCOME, _OTHER_OUTCOME = (ConditionOutcome(FALSE), ConditionOutcome(TRUE),
+                                                 ConditionOutcome(OTHER))
 
 
-def evaluate_fast(fast: Any, store: dict, index: EventIndex) -> Outcome | None:
+def evaluate_fast(fast: Any, store: dict, index: EventIndex) -> ConditionOutcome | None:
     """:func:`evaluate` of a condition with a plain-Python evaluator (see :func:`compile_fast`),
     without a coroutine; None when the interpreter must decide. Fast conditions assign nothing,
     so nothing leaks into the store."""
@@ -478,7 +481,7 @@ def evaluate_fast(fast: Any, store: dict, index: EventIndex) -> Outcome | None:
         suffix = f":{start}-{end}"
         for idx, order, path in index.locate(id(obj)):
             marks.append((idx, order, path + suffix))
-    return Outcome(status, marks)
+    return ConditionOutcome(status, marks)
 
 
 async def evaluate_value(expr: Any, store: dict, globals_: Any, ctx: DirectContext) -> Any:
@@ -508,7 +511,7 @@ def object_place(element: Element) -> tuple[int, list[int], str]:
 # mirror are named below). Anything unusual at run time raises _Slow and the interpreter decides.
 
 
-class _Slow(Exception):
+class _Slow(MonitorError):
     pass
 
 
@@ -717,7 +720,7 @@ def _fast_bool(node: Any, var_decls: set[int]) -> Any:
     return _fast(node, var_decls)
 
 
-__all__ = ["Element", "EventIndex", "DirectContext", "Outcome", "Occurrences", "evaluate",
+__all__ = ["Element", "EventIndex", "DirectContext", "ConditionOutcome", "Occurrences", "evaluate",
            "evaluate_fast", "evaluate_value", "object_place", "parse_batch", "parse_flat",
            "parse_prepared", "prepared_events",
            "TRUE", "FALSE", "RAISE", "OTHER", "ToolCall", "ToolOutput", "Message"]
