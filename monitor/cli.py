@@ -30,7 +30,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 
 # Modules that add their own subcommands: each may define ``register_cli(subparsers)`` (or
 # ``register``/``add_cli``) adding parsers whose ``func(args) -> int`` handles the command. A module
 # that is missing or fails to import is left out, so a broken extension never breaks the CLI.
-EXTENSIONS: list[str] = ["monitor.replay"]
+EXTENSIONS: list[str] = ["monitor.replay", "monitor.api.cli"]
 _HOOKS = ("register_cli", "register", "add_cli")
 
 
