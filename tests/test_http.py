@@ -550,3 +550,37 @@ def test_sessions_off_is_404(api):
 def test_operator_policy_folder_ids(server):
     assert set(server.app.state.served) == {p.stem for p in POLICIES.glob("*.gr")} | {"policies"}
     assert load_policy(POLICIES).policy_id == "policies"
+
+
+def test_monitoring_loop_reuses_past_states_exactly(server, api):
+    """invariant-server's client loop (check(past, [event]); past.append(event)): each request
+    reuses the state after its past, and every answer still equals invariant-ai's."""
+    text = (POLICIES / "send_after_keyword.gr").read_text() + "\n" + (POLICIES / "multi_turn_flow.gr").read_text()
+    past_states = server.app.state.analyzer.past_states
+    rng = random.Random(11)
+    trace = generated_trace(rng, 16)
+    hits = past_states.hits
+    for i in range(1, len(trace)):
+        r = api.post("/api/monitor/check", json={"policy": text, "past_events": trace[:i],
+                                                 "pending_events": [trace[i]]})
+        assert comparable(text, r.json()) == comparable(text, local_errors(text, [trace[i]], past=trace[:i])), i
+    assert past_states.hits - hits >= len(trace) - 2
+    # an edited past is another past: no state of the original is reused for it
+    edited = wire(trace)
+    edited[0] = {"role": "user", "content": "please send it now"}
+    r = api.post("/api/monitor/check", json={"policy": text, "past_events": edited[:-1],
+                                             "pending_events": edited[-1:]})
+    assert comparable(text, r.json()) == comparable(text, local_errors(text, edited[-1:], past=edited[:-1]))
+
+
+def test_past_states_are_bounded():
+    from monitor.api.analysis import PastStates
+
+    ps = PastStates(entries=3, max_events=10)
+    for n in range(6):
+        ps.put(bytes([n]), f"s{n}", 2)
+    assert len(ps) == 3
+    ps.put(b"big", "x", 11)  # over the event budget on its own: not kept
+    assert len(ps) == 3 and ps.longest([b"", b"big"]) == (0, None)
+    ps.put(b"six", "y", 8)  # the budget drops the oldest until 10 events or fewer remain
+    assert ps._events <= 10

@@ -5,7 +5,8 @@ Both run on the incremental engine, the worker's own, with the worker's time bud
 - ``check(past, pending)``: the past is checked as one batch and its state kept (its matches are
   dropped: they are the past's), then the pending events are checked on that state. Only errors
   binding a pending event are reported, with addresses over past + pending, as invariant-ai's
-  ``LocalPolicy.analyze_pending`` reports them.
+  ``LocalPolicy.analyze_pending`` reports them. States after a past are cached
+  (:class:`PastStates`): a past sent again, or one event longer, is not checked again.
 - ``analyze(trace)``: the whole trace as one pending batch. A policy with a rule the engine leaves
   to invariant-ai (quantifiers, ``input.*``, ...), or with policy parameters, runs on invariant-ai's
   ``LocalPolicy.a_analyze`` itself, on a thread and under the same budget, since only that
@@ -31,6 +32,8 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -167,12 +170,76 @@ def _compile(text: str, sha: str) -> CompiledPolicy:
     return CompiledPolicy.of(policy)
 
 
+def _digest(prev: bytes, event: Any) -> bytes:
+    data = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.blake2b(prev + data.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+class PastStates:
+    """Engine states after a known past, keyed by a hash chain over the events (per policy).
+
+    A client that monitors a session statelessly sends the same past again and again, one event
+    longer each time (invariant-server's ``check(past, [event]); past.append(event)`` loop): the
+    longest past prefix seen before is not checked again, only what follows it. A state depends
+    only on the policy and the events, never on how they were split into batches (the engine's
+    differential tests check every split), so reusing one is exact. Bounded by entries and by the
+    events the kept states stand for, least recently used dropped first.
+
+    >>> ps = PastStates(entries=2)
+    >>> keys = ps.chain(b"p", [{"a": 1}, {"b": 2}])
+    >>> ps.put(keys[1], "after-a", 1); ps.longest(keys)
+    (1, 'after-a')
+    """
+
+    def __init__(self, entries: int = 4096, max_events: int = 200_000) -> None:
+        self.entries = entries
+        self.max_events = max_events
+        self._items: OrderedDict[bytes, tuple[Any, int]] = OrderedDict()
+        self._events = 0
+        self.hits = 0
+
+    @staticmethod
+    def chain(seed: bytes, events: list[Any], start: bytes | None = None) -> list[bytes]:
+        """Keys after 0, 1, ... len(events) events (from ``start``, else the policy's seed)."""
+        keys = [start if start is not None else hashlib.blake2b(seed, digest_size=16).digest()]
+        for event in events:
+            keys.append(_digest(keys[-1], event))
+        return keys
+
+    def longest(self, keys: list[bytes]) -> tuple[int, Any]:
+        """(events covered, state) of the longest cached prefix; (0, None) when none is."""
+        for n in range(len(keys) - 1, 0, -1):
+            hit = self._items.get(keys[n])
+            if hit is not None:
+                self._items.move_to_end(keys[n])
+                self.hits += 1
+                return n, hit[0]
+        return 0, None
+
+    def put(self, key: bytes, state: Any, length: int) -> None:
+        if length > self.max_events:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._events -= old[1]
+        self._items[key] = (state, length)
+        self._events += length
+        while self._items and (len(self._items) > self.entries or self._events > self.max_events):
+            _, (_, n) = self._items.popitem(last=False)
+            self._events -= n
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class Analyzer:
     """Runs stateless checks with a worker's budget and caps (see the module docstring)."""
 
-    def __init__(self, settings: WorkerSettings, cache: PolicyCache | None = None) -> None:
+    def __init__(self, settings: WorkerSettings, cache: PolicyCache | None = None,
+                 past_states: PastStates | None = None) -> None:
         self.settings = settings
         self.cache = cache if cache is not None else PolicyCache()
+        self.past_states = past_states if past_states is not None else PastStates()
         self._pool = LoopPool("api-reference")
 
     def _deadline(self) -> float | None:
@@ -184,13 +251,22 @@ class Analyzer:
         """Matches of ``pending`` given ``past``; raises :class:`CheckFailed`."""
         engine = compiled.engine
         deadline = self._deadline()
+        seed = compiled.policy.sha256.encode()
+        keys = self.past_states.chain(seed, past)
+        done, state = self.past_states.longest(keys)
         try:
-            state = engine.initial_state()
-            if past:
-                state = (await engine.check(state, past, deadline=deadline)).advance(state)
+            if state is None:
+                state = engine.initial_state()
+            if done < len(past):
+                # the past's own matches are the past's: only its state is kept
+                state = (await engine.check(state, past[done:], deadline=deadline)).advance(state)
+                self.past_states.put(keys[-1], state, len(past))
             result = await engine.check(state, pending, deadline=deadline)
         except (EngineError, BudgetExceeded) as exc:
             raise classify(exc, self.settings.budget_ms) from None
+        # the next request of a monitoring loop sends this past plus these pending events
+        after = self.past_states.chain(seed, pending, start=keys[-1])[-1]
+        self.past_states.put(after, result.advance(state), len(past) + len(pending))
         return result.matches
 
     async def analyze(self, compiled: CompiledPolicy, trace: list[dict[str, Any]],
