@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": args.host, "port": args.port, "policy_path": args.policy,
         "allow_policy_text": args.allow_policy_text, "api_keys_file": args.api_keys,
         "no_auth": args.no_auth, "max_body_bytes": args.max_body_bytes, "max_events": args.max_events,
-        "rate_limit": args.rate_limit, "rate_burst": args.rate_burst, "cors_origins": args.cors_origin or [],
+        "policy_cache": args.policy_cache, "rate_limit": args.rate_limit, "rate_burst": args.rate_burst, "cors_origins": args.cors_origin or [],
         "budget_ms": None if args.budget_ms == 0 else args.budget_ms,
         "max_record_bytes": args.max_record_bytes,
         "max_verdict_violations": args.max_verdict_violations,
@@ -119,6 +119,8 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--rate-limit", type=_positive_float, default=50.0, metavar="N",
                    help="requests per second per API key (default 50)")
     p.add_argument("--rate-burst", type=_int_at_least(1), default=100, help="burst per key (default 100)")
+    p.add_argument("--policy-cache", type=_int_at_least(1), default=64, metavar="N",
+                   help="compiled request policies kept, by sha256 (default 64)")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="allow this browser origin (repeatable; CORS is off without it)")
     p.add_argument("--budget-ms", type=_non_negative_float, default=5000.0,
