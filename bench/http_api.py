@@ -190,6 +190,7 @@ def main() -> int:
 
     from monitor.api.security import new_key
 
+    load_start = list(os.getloadavg())
     policy_text = POLICY_FILE.read_text()
     past, pending = events()
     body = {"past_events": past, "pending_events": pending, "policy": policy_text}
@@ -231,7 +232,9 @@ def main() -> int:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "command": "make bench-http (" + " ".join(["bench/http_api.py", f"--seconds {args.seconds:g}"]) + ")",
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+                    "platform": platform.platform(),
+                    # other work on the machine shows here: compare figures of one run only
+                    "load_average_start": load_start, "load_average_end": list(os.getloadavg())},
         "versions": {p: version(p) for p in ("agent-monitor", "invariant-ai", "fastapi", "uvicorn",
                                                "uvloop", "httptools", "aiohttp")},
         "concurrency": list(CONCURRENCY),
