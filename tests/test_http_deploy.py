@@ -28,3 +28,19 @@ def test_image_has_the_http_and_detectors_extras():
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     assert 'pip wheel --wheel-dir /wheels ".[http,detectors]"' in dockerfile
     assert '"agent-monitor[http,detectors]"' in dockerfile
+
+
+def test_local_container_plan_runs_the_api_with_a_key_the_tests_know():
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from deploy.local.stack import environment_for_tests, local_plan
+
+    from monitor.api.security import ApiKeys
+
+    token = "f" * 64
+    api = local_plan(environment_for_tests(token)).services["api"]
+    assert api.command[:1] == ["serve"]
+    # the container tests' API key is their metrics token; compose holds only its hash
+    keys = ApiKeys.parse(api.environment["AGENT_MONITOR_API_KEYS"], "compose", separators=",")
+    assert keys.verify(token) == "tests" and token not in api.environment["AGENT_MONITOR_API_KEYS"]
