@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars browser docker-tools images test-containers demo test test-unit bench-engine bench-live chaos bench-replay bench-replay-instructions broker-start broker-stop clean
+.PHONY: install jars browser docker-tools images test-containers demo test test-unit bench-engine bench-live chaos bench-replay bench-replay-instructions bench-http serve broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -64,6 +64,14 @@ bench-replay: $(STAMP)
 bench-replay-instructions: $(STAMP)
 	command -v valgrind >/dev/null || (apt-get update && apt-get install -y valgrind)
 	$(BIN)/python bench/replay_instructions.py
+
+# /api/monitor/check over HTTP (1, 8, 32 clients) beside invariant-ai's LocalPolicy in process
+bench-http: $(STAMP)
+	$(BIN)/python bench/http_api.py
+
+# the HTTP API on 127.0.0.1:8000 without keys (loopback only), serving examples/policies
+serve: $(STAMP)
+	$(BIN)/agent-monitor serve --no-auth --policy examples/policies
 
 broker-start: jars
 	$(BIN)/agent-monitor broker start

@@ -16,60 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from monitor.argtypes import host_ports, int_at_least, non_negative_float, port, positive_float
-from monitor.config import DEFAULT_BOOTSTRAP, DEFAULT_PREFIX
+from monitor.api.cli import register_cli as register_serve
+from monitor.cli_options import CliError, bootstrap_of, kafka_args, prefix_of
 from monitor.console import make_console, render_record, render_verdict
-from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, MonitorError
+from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MonitorError
 from monitor.policy import parse_policies
 from monitor.replay.cli import register_cli as register_replay
 from monitor.samples import read_batches
-
-
-class CliError(MonitorError):
-    """A problem the user can fix; printed without a traceback, exits with ``exit_code``."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def default_bootstrap() -> str:
-    """``KAFKA_BOOTSTRAP_SERVERS``, else the broker ``agent-monitor broker start`` runs, else
-    127.0.0.1:9092."""
-    env = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if env:
-        return env
-    try:
-        from monitor.broker import daemon_status
-
-        info = daemon_status()
-    except Exception:  # noqa: BLE001 - no recorded broker is the common case
-        info = None
-    return info.bootstrap_servers if info else DEFAULT_BOOTSTRAP
-
-
-def _kafka_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bootstrap-servers", "-b", type=host_ports, metavar="HOST:PORT",
-                   help="Kafka cluster (default: $KAFKA_BOOTSTRAP_SERVERS, else the broker of "
-                        "`agent-monitor broker start`, else 127.0.0.1:9092)")
-    p.add_argument("--prefix", metavar="PREFIX",
-                   help=f"topic name prefix (default: $AGENT_MONITOR_PREFIX, else {DEFAULT_PREFIX!r})")
-    p.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="S",
-                   help="seconds to wait for the broker to answer (default 10)")
-
-
-def _bootstrap_of(args: argparse.Namespace) -> str:
-    return args.bootstrap_servers or default_bootstrap()
-
-
-def _prefix_of(args: argparse.Namespace) -> str:
-    return args.prefix or os.environ.get("AGENT_MONITOR_PREFIX") or DEFAULT_PREFIX
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -80,10 +39,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # refuse a bad policy before touching Kafka (the worker loads the full policy set itself)
     policies = parse_policies(args.policy)
-    bootstrap = _bootstrap_of(args)
+    bootstrap = bootstrap_of(args)
     wait_for_broker(bootstrap, args.connect_timeout)
     fields: dict[str, Any] = {
-        "bootstrap_servers": bootstrap, "topic_prefix": _prefix_of(args), "policy_path": args.policy,
+        "bootstrap_servers": bootstrap, "topic_prefix": prefix_of(args), "policy_path": args.policy,
         "group_id": args.group_id, "engine": args.engine, "partitions": args.partitions,
         "budget_ms": args.budget_ms, "fail_closed": not args.fail_open, "keep_denied": args.keep_denied,
         "metrics_port": args.metrics_port, "guarantee": args.guarantee,
@@ -116,10 +75,10 @@ def cmd_topics_create(args: argparse.Namespace) -> int:
         raise CliError(f"--partition: {exc}") from None
     if args.partitions is not None:
         overrides.setdefault("events", args.partitions)
-    bootstrap = _bootstrap_of(args)
+    bootstrap = bootstrap_of(args)
     wait_for_broker(bootstrap, args.connect_timeout)
     try:
-        results = create_topics(bootstrap, _prefix_of(args), overrides or None,
+        results = create_topics(bootstrap, prefix_of(args), overrides or None,
                                 replication_factor=args.replication_factor,
                                 increase_partitions=args.increase_partitions)
     except ValueError as exc:  # a bad spec (TopicProvisioningError exits 1 by itself)
@@ -157,7 +116,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
         batches = [b.model_copy(update={"policy": args.policy_id}) for b in batches]
     console = make_console()
     failed = 0
-    with MonitorClient(_bootstrap_of(args), _prefix_of(args), connect_timeout=args.connect_timeout) as client:
+    with MonitorClient(bootstrap_of(args), prefix_of(args), connect_timeout=args.connect_timeout) as client:
         for i, batch in enumerate(batches):
             if not args.wait:
                 client.publish(batch)
@@ -195,7 +154,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     consumer_cls = CONSUMERS[args.topic]
     console = make_console()
-    with consumer_cls(_bootstrap_of(args), _prefix_of(args), from_beginning=args.from_beginning,
+    with consumer_cls(bootstrap_of(args), prefix_of(args), from_beginning=args.from_beginning,
                       timeout=args.timeout, idle_timeout=args.idle, max_records=args.max,
                       session_id=args.session, connect_timeout=args.connect_timeout) as records:
         if not args.json:
@@ -302,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_policy(sub)
     _add_demo(sub)
     register_replay(sub)  # replay and verify
+    register_serve(sub)  # the HTTP API
     return parser
 
 
@@ -310,7 +270,7 @@ def _add_run(sub: Any) -> None:
                        description="Run a monitor worker: consume <prefix>.events, publish verdicts and alerts.")
     p.add_argument("--policy", required=True, metavar="FILE|DIR",
                    help="policy file, or a folder (one policy per file, selected by a batch's policy id)")
-    _kafka_args(p)
+    kafka_args(p)
     p.add_argument("--group-id", help="consumer group (default <prefix>-monitor)")
     p.add_argument("--engine", choices=["incremental", "reference"], default="incremental")
     p.add_argument("--partitions", type=int_at_least(1), metavar="N",
@@ -350,7 +310,7 @@ def _add_topics(sub: Any) -> None:
     t = sub.add_parser("topics", help="provision topics, regenerate JSON Schemas")
     tsub = t.add_subparsers(dest="action", required=True, metavar="ACTION")
     tc = tsub.add_parser("create", help="create the deployment's topics (idempotent) and print a table")
-    _kafka_args(tc)
+    kafka_args(tc)
     tc.add_argument("--partitions", type=int_at_least(1), metavar="N", help="partitions of the events topic")
     tc.add_argument("--partition", action="append", metavar="TOPIC=N",
                     help="partitions of one topic, e.g. alerts=3 (repeatable)")
@@ -369,7 +329,7 @@ def _add_produce(sub: Any) -> None:
                                     "list, JSON Lines, or a sample session file (examples/sessions/*.json). "
                                     "A record without batch_id gets a fresh one.")
     pr.add_argument("file", nargs="?", help="input file ('-' or none: stdin)")
-    _kafka_args(pr)
+    kafka_args(pr)
     pr.add_argument("--wait", action="store_true", help="wait for each batch's verdict and print it")
     pr.add_argument("--timeout", type=positive_float, default=30.0, metavar="S",
                     help="seconds to wait for a verdict with --wait (default 30)")
@@ -382,7 +342,7 @@ def _add_produce(sub: Any) -> None:
 def _add_tail(sub: Any) -> None:
     tl = sub.add_parser("tail", help="print verdicts, alerts or dead letters as they arrive")
     tl.add_argument("topic", choices=["verdicts", "alerts", "deadletter"])
-    _kafka_args(tl)
+    kafka_args(tl)
     tl.add_argument("--from-beginning", action="store_true", help="start at the earliest record")
     tl.add_argument("--max", type=int_at_least(1), metavar="N", help="stop after N records")
     tl.add_argument("--timeout", type=positive_float, metavar="S", help="stop after S seconds")

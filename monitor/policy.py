@@ -81,6 +81,10 @@ def _parse(text: str, path: str | None):
 
 def _parse_uncached(text: str, path: str | None):
     from invariant.analyzer.policy import LocalPolicy
+
+    from monitor.detectors import install
+
+    install()  # semgrep and pii offline, before any policy can call them
     from invariant.analyzer.stdlib.invariant.errors import PolicyLoadingError
 
     where = path or "<policy>"
@@ -102,10 +106,16 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load_policy_text(text: str, policy_id: str = "inline", source: str | None = None) -> LoadedPolicy:
-    """Parse policy text now, so that a bad policy is refused before anything runs."""
+def load_policy_text(text: str, policy_id: str = "inline", source: str | None = None, *,
+                     cache: bool = True) -> LoadedPolicy:
+    """Parse policy text now, so that a bad policy is refused before anything runs.
+
+    ``cache=False`` keeps the parse out of this module's cache, which never forgets: for texts
+    from outside (the HTTP API), which keeps its own bounded cache.
+    """
     return LoadedPolicy(text=text, policy_id=policy_id, sha256=sha256_text(text),
-                        sources=[source] if source else [], _local=_parse(text, source))
+                        sources=[source] if source else [],
+                        _local=_parse(text, source) if cache else _parse_uncached(text, source))
 
 
 def policy_files(path: str | Path) -> list[Path]:

@@ -38,7 +38,7 @@ TOKEN = "0123456789abcdef" * 4
 ENV = environment_for_tests(TOKEN)
 # the image each service runs in place of the compose file's (and the image itself where it is built here)
 LOCAL_IMAGES = {"kafka": images.KAFKA_IMAGE, "topics-init": images.WORKER_IMAGE, "worker": images.WORKER_IMAGE,
-                "prometheus": images.PROMETHEUS_IMAGE}
+                "api": images.WORKER_IMAGE, "prometheus": images.PROMETHEUS_IMAGE}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_every_service_is_run_or_says_why_not(plan, compose):
     assert not set(plan.services) & set(plan.not_run)
     # grafana only: no reachable registry ships it (deploy/README.md)
     assert set(plan.not_run) == {"grafana"} and "profile" in plan.not_run["grafana"]
-    assert list(plan.services) == ["kafka", "topics-init", "worker", "prometheus"]  # depends_on order
+    assert list(plan.services) == ["kafka", "topics-init", "worker", "api", "prometheus"]  # depends_on order
 
 
 def test_every_image_is_the_compose_files_or_the_local_one_built_in_its_place(plan, compose):

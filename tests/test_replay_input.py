@@ -185,7 +185,7 @@ def test_verify_notices_every_doctored_field_and_a_policy_folder_that_grew(tmp_p
         ("severity", '"severity":"medium"', '"severity":"low"', "violations differ"),
         ("message", '"message":"Secret in bash command', '"message":"A secret in bash command',
          "violations differ"),
-        ("totals", '"sessions_denied": 7', '"sessions_denied": 0', "the totals differ: sessions_denied"),
+        ("totals", '"sessions_denied": 8', '"sessions_denied": 0', "the totals differ: sessions_denied"),
         ("session", '"denied":3', '"denied":2', "denied differ"),
     ]:
         assert old in text, old

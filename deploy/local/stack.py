@@ -16,6 +16,7 @@ its ``stop_grace_period``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import socket
@@ -517,9 +518,11 @@ class Stack:
 
 
 def environment_for_tests(token: str) -> dict[str, str]:
-    """The environment compose would see for the container tests: the metrics token and nothing
-    else (the host's own AGENT_MONITOR_* must not change what runs)."""
-    return {"AGENT_MONITOR_METRICS_TOKEN": token}
+    """The environment compose would see for the container tests: the metrics token, and the API
+    service's key entry whose key is that same token (NAME:SHA256), and nothing else (the host's
+    own AGENT_MONITOR_* must not change what runs)."""
+    api_key = "tests:" + hashlib.sha256(token.encode()).hexdigest()
+    return {"AGENT_MONITOR_METRICS_TOKEN": token, "AGENT_MONITOR_API_KEYS": api_key}
 
 
 def leftovers() -> list[str]:
