@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from http_server import LiveServer
-from workers import WorkerProcess
+from workers import worker
 
 from monitor.api.app import ServeSettings
 from monitor.api.security import ApiKeys, new_key
@@ -27,7 +27,7 @@ KEY, KEY_LINE = new_key("sessions")
 @pytest.fixture(scope="module")
 def stack(kafka_bootstrap):
     prefix = f"t-http-{uuid.uuid4().hex[:8]}"
-    with WorkerProcess(kafka_bootstrap, prefix, POLICIES, partitions=3):
+    with worker(kafka_bootstrap, prefix, POLICIES, partitions=3):
         settings = ServeSettings(sessions=True, bootstrap_servers=kafka_bootstrap, topic_prefix=prefix,
                                  rate_limit=1000, rate_burst=1000, max_record_bytes=20_000,
                                  max_body_bytes=100_000)
