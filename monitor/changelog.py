@@ -27,14 +27,13 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
-from pydantic_core import to_json
+from pydantic_core import from_json, to_json
 
 from monitor.errors import MonitorError
 
@@ -64,19 +63,25 @@ class RestoreTimeout(MonitorError):
 
 class ChangelogTable(MutableMapping[str, Any]):
     """The state of the partitions a worker owns; reads and writes go to the *current* partition
-    (:meth:`use`), which the runtime sets to the partition of the record being processed."""
+    (:meth:`use`), which the runtime sets to the partition of the record being processed.
+
+    Values are held as the JSON records the changelog carries and decoded when read: a million
+    sessions' state is then a few flat dicts of bytes that the cyclic garbage collector never
+    walks (as dicts and lists it would, in pauses that show as verdict latency), a restore
+    stores what it reads as it is, and memory is a fraction of the objects'.
+    """
 
     def __init__(self, topic: str, send: Send) -> None:
         self.topic = topic
         self.send = send
-        self.parts: dict[int, dict[str, Any]] = {}
+        self.parts: dict[int, dict[str, bytes]] = {}
         self.partition = -1
-        self._data: dict[str, Any] = {}
+        self._data: dict[str, bytes] = {}
         self._undo: list[tuple[int, str, Any]] | None = None
 
     # -- partitions ------------------------------------------------------------------------------
 
-    def add_partition(self, partition: int, data: dict[str, Any] | None = None) -> None:
+    def add_partition(self, partition: int, data: dict[str, bytes] | None = None) -> None:
         self.parts[partition] = data if data is not None else {}
 
     def drop_partition(self, partition: int) -> None:
@@ -113,19 +118,26 @@ class ChangelogTable(MutableMapping[str, Any]):
     # -- the mapping -----------------------------------------------------------------------------
 
     def __getitem__(self, key: str) -> Any:
-        return self._data[key]
+        return from_json(self._data[key])
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self._data.get(key, default)
+        raw = self._data.get(key)
+        return default if raw is None else from_json(raw)
+
+    def get_json(self, key: str) -> bytes | None:
+        """A value as its JSON record, undecoded (a reader that validates JSON straight into a
+        model skips building the dicts)."""
+        return self._data.get(key)
 
     def __contains__(self, key: object) -> bool:
         return key in self._data
 
     def __setitem__(self, key: str, value: Any) -> None:
+        raw = encode(value)
         if self._undo is not None:
             self._undo.append((self.partition, key, self._data.get(key, _MISSING)))
-        self._data[key] = value
-        self.send(key, self.partition, encode(value))
+        self._data[key] = raw
+        self.send(key, self.partition, raw)
 
     def __delitem__(self, key: str) -> None:
         if key not in self._data:
@@ -141,7 +153,7 @@ class ChangelogTable(MutableMapping[str, Any]):
         if self._undo is not None:
             self._undo.append((self.partition, key, old))
         self.send(key, self.partition, None)
-        return old
+        return from_json(old)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._data)
@@ -155,9 +167,9 @@ class ChangelogTable(MutableMapping[str, Any]):
 
 
 def restore(bootstrap: str, topic: str, partitions: list[int], timeout: float = 120.0,
-            config: dict[str, Any] | None = None) -> dict[int, dict[str, Any]]:
+            config: dict[str, Any] | None = None) -> dict[int, dict[str, bytes]]:
     """Read changelog ``partitions`` from their start to their end, committed records only, into
-    one dict per partition (a tombstone removes its key).
+    one dict per partition of the records as read (a tombstone removes its key).
 
     The end is the partition's high watermark when the read starts: a read_committed reader
     stops short of it while a transaction on it is open, so this waits until that transaction is
@@ -166,7 +178,7 @@ def restore(bootstrap: str, topic: str, partitions: list[int], timeout: float = 
     """
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-    out: dict[int, dict[str, Any]] = {p: {} for p in partitions}
+    out: dict[int, dict[str, bytes]] = {p: {} for p in partitions}
     if not partitions:
         return out
     consumer = Consumer({
@@ -188,7 +200,6 @@ def restore(bootstrap: str, topic: str, partitions: list[int], timeout: float = 
         if not ends:
             return out
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        loads = json.loads
         while ends:
             if time.monotonic() > deadline:
                 raise RestoreTimeout(
@@ -209,7 +220,7 @@ def restore(bootstrap: str, topic: str, partitions: list[int], timeout: float = 
                 if value is None:
                     data.pop(key, None)
                 else:
-                    data[key] = loads(value)
+                    data[key] = value
     finally:
         consumer.close()
     return out

@@ -107,11 +107,17 @@ class SessionStore:
         # their own (replay: kept on disk, as they are read back only for a repeated batch id)
         self.verdicts: VerdictRecords = table if verdicts is None else verdicts
         self.verdict_memory = verdict_memory
-        # the head this store last wrote per session, with the record it wrote: a table that hands
-        # back that very record (a dict, the changelog table) needs no validation of it again
+        # a table that keeps its values as JSON (the worker's changelog table) hands the head's
+        # record over as it is, validated straight into the model
+        self._json: Any = getattr(table, "get_json", None)
+        # else: the head this store last wrote per session, with the record it wrote: a table
+        # that hands back that very record (a dict: replay) needs no validation of it again
         self._heads: dict[str, tuple[Any, SessionHead]] = {}
 
     def head(self, session_id: str) -> SessionHead:
+        if self._json is not None:
+            raw_json = self._json(head_key(session_id))
+            return SessionHead.model_validate_json(raw_json) if raw_json else SessionHead()
         raw = self.table.get(head_key(session_id))
         if not raw:
             return SessionHead()
@@ -197,9 +203,10 @@ class SessionStore:
         )
         record = _head_record(new_head)
         self.table[head_key(session_id)] = record
-        if len(self._heads) >= self.HEAD_CACHE:
-            self._heads.clear()
-        self._heads[session_id] = (record, new_head)
+        if self._json is None:
+            if len(self._heads) >= self.HEAD_CACHE:
+                self._heads.clear()
+            self._heads[session_id] = (record, new_head)
         # deletes only after the head: a crash before them leaves stray records, never a head that
         # names a missing one
         for key in dropped:

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import from_json
 
 from monitor.changelog import ChangelogTable
 from monitor.config import WorkerSettings
@@ -49,7 +50,7 @@ class SessionClock:
 
     def load(self, partition: int, table: ChangelogTable) -> None:
         """Rebuild a restored partition's clock from its session heads."""
-        heads = [(rec.get("updated_at", 0.0), key[len(HEAD_PREFIX):])
+        heads = [(from_json(rec).get("updated_at", 0.0), key[len(HEAD_PREFIX):])
                  for key, rec in table.parts[partition].items() if key.startswith(HEAD_PREFIX)]
         self.parts[partition] = {sid: t for t, sid in sorted(heads)}
 
