@@ -157,6 +157,7 @@ def run_chaos(guarantee: str, batches: int, sessions: int, kills: int, broker_re
                     w = rng.choice(live)
                     w.kill()
                     res.kills += 1
+                    res.rebalances += 2  # the group drops the dead member, then takes it back
                     say(f"{time.monotonic() - t0:6.1f}s SIGKILL {w.worker_id}")
                     res.events.append(f"kill {w.worker_id}")
                     time.sleep(rng.uniform(0.5, 2.0))

@@ -22,7 +22,7 @@ from chaos import run_chaos  # noqa: E402
 def test_short_chaos_loses_nothing_and_agrees_with_replay(guarantee, tmp_path):
     res = run_chaos(guarantee, batches=5000, sessions=500, kills=2, broker_restarts=1, rate=250,
                     seed=3, workdir=tmp_path, verbose=False)
-    assert res.kills == 2 and res.broker_restarts == 1 and res.rebalances == 2, res.events
+    assert res.kills == 2 and res.broker_restarts == 1 and res.rebalances == 6, res.events
     assert res.expected_denies > 0
     assert res.missing == 0, res
     assert res.conflicting == 0, res
