@@ -259,12 +259,16 @@ def test_alert_rules_and_dashboard_query_metrics_the_worker_exports():
         for name in re.findall(r"\bagent_monitor_\w+", expr):
             assert name in exported, f"{where} queries {name}, which monitor.metrics does not export"
             used.add(name)
-    # the brief's alerts: deny rate, dead letters, p99 latency, consumer lag
+    # the alerts issue 14 asks for (each is unit-tested in deploy/alert-rules.test.yml)
     alerts = {name: expr for name, expr in _exprs() if name.startswith("AgentMonitor")}
-    assert 'decision="deny"' in alerts["AgentMonitorHighDenyRate"]
+    assert 'up{job="agent-monitor"}' in alerts["AgentMonitorWorkerDown"]
+    assert "agent_monitor_verdicts_total" in alerts["AgentMonitorNoVerdicts"]
+    assert "agent_monitor_consumer_lag_records" in alerts["AgentMonitorNoVerdicts"]
+    assert "deriv(" in alerts["AgentMonitorConsumerLagGrowing"]
+    assert 'decision="deny"' in alerts["AgentMonitorDenyRateSpike"] and "offset" in alerts["AgentMonitorDenyRateSpike"]
     assert "agent_monitor_dead_letters_total" in alerts["AgentMonitorDeadLetters"]
+    assert "agent_monitor_policy_failures_total" in alerts["AgentMonitorPolicyFailures"]
     assert "histogram_quantile(0.99" in alerts["AgentMonitorCheckLatencyP99High"]
-    assert "agent_monitor_consumer_lag_records" in alerts["AgentMonitorConsumerLag"]
     for group in yaml.safe_load((DEPLOY / "alert-rules.yml").read_text())["groups"]:
         for rule in group["rules"]:
             assert rule["labels"]["severity"] in ("warning", "critical")
