@@ -20,8 +20,10 @@ from workers import WorkerProcess, batch, consume, produce_batches, topics
 
 from deploy.local.prometheus_server import PrometheusMissing, PrometheusServer, local_config
 from monitor.broker import free_port
+from monitor.cli import main
 from monitor.metrics import METRICS
 from monitor.policy import load_policy_set
+from monitor.top import buckets, quantile, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
@@ -58,7 +60,7 @@ def token(monkeypatch) -> str:
 
 
 def test_prometheus_scrapes_a_worker_under_load_and_every_panel_has_data(kafka_bootstrap, topic_prefix,
-                                                                          tmp_path, token):
+                                                                          tmp_path, token, capsys):
     t = topics(topic_prefix)
     policy = tmp_path / "flow.gr"
     policy.write_text(FLOW)
@@ -76,13 +78,13 @@ def test_prometheus_scrapes_a_worker_under_load_and_every_panel_has_data(kafka_b
         except PrometheusMissing as exc:
             pytest.fail(str(exc), pytrace=False)
         try:
-            _run(server, worker, kafka_bootstrap, t, port, token, policy)
+            _run(server, worker, kafka_bootstrap, t, port, token, policy, capsys)
         finally:
             server.stop()
 
 
 def _run(prom: PrometheusServer, worker: WorkerProcess, bootstrap: str, t, port: int, token: str,
-         policy: Path) -> None:
+         policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # -- a small load over a few seconds: each session asks for "send", then half of them send
     batches = []
     for i in range(SESSIONS):
@@ -165,3 +167,15 @@ def _run(prom: PrometheusServer, worker: WorkerProcess, bootstrap: str, t, port:
     (alert,) = rules["AgentMonitorDeadLetters"]["alerts"]
     assert alert["labels"]["kind"] == "not_json"
     assert worker.proc is not None and worker.proc.poll() is None
+
+    # -- agent-monitor top reads the same worker (its token from the environment), and its
+    # percentiles are Prometheus' histogram_quantile over the same buckets
+    assert main(["top", "--once", "--url", f"127.0.0.1:{port}", "--interval", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "1/1 workers up" in out and RULE_MESSAGE in out and "Lag per partition" in out
+    assert "not_json 1" in out
+    got = scrape(f"http://127.0.0.1:{port}/metrics", token)
+    for q in (0.5, 0.9, 0.99):
+        ours = quantile(q, buckets(got, "agent_monitor_verdict_latency_seconds_bucket"))
+        theirs = value(f"histogram_quantile({q}, sum by (le) (agent_monitor_verdict_latency_seconds_bucket))")
+        assert ours == pytest.approx(theirs, rel=1e-9), q
