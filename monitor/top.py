@@ -469,13 +469,14 @@ def render(frame: Frame, max_partitions: int = 24) -> RenderableType:
     parts.append(lag)
 
     foot = Text()
-    foot.append("dead letters ", style="bold")
-    foot.append("  ".join(f"{printable(k)} {_num(v)}" for k, v in sorted(frame.dead_letters.items())) or "–",
-                style="red" if any(frame.dead_letters.values()) else "")
-    foot.append("\npolicy failures ", style="bold")
-    foot.append("  ".join(f"{printable(k)}{' (budget overrun)' if k == 'timeout' else ''} {_num(v)}"
-                          for k, v in sorted(frame.policy_failures.items())) or "–",
-                style="red" if any(frame.policy_failures.values()) else "")
+    for title, counts in (("dead letters", frame.dead_letters), ("policy failures", frame.policy_failures)):
+        foot.append(f"{title} ", style="bold")
+        for kind, count in sorted(counts.items()):
+            name = printable(kind) + (" (budget overrun)" if title == "policy failures" and kind == "timeout" else "")
+            foot.append(f"{name} {_num(count)}  ", style="red" if count else "")
+        if not counts:
+            foot.append("–")
+        foot.append("\n" if title == "dead letters" else "")
     parts.append(foot)
     return Group(*parts)
 
