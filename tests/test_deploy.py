@@ -295,3 +295,23 @@ def test_grafana_provisioning_matches_the_dashboard(compose):
     assert Path(mounts["./deploy/grafana/dashboard.json"]).parent == Path(path)
     with pytest.raises(KeyError):
         interpolate(_env(compose["services"]["grafana"])["GF_SECURITY_ADMIN_PASSWORD"])  # no default password
+
+
+def test_the_readme_lists_every_metric_and_every_alert():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Metrics, alerts and dashboards"):readme.index("### Alert rules")]
+    listed = set(re.findall(r"^\| `(agent_monitor_\w+)` \|", section, re.M))
+    assert listed == set(METRICS)
+    for name, (kind, labels, _doc) in METRICS.items():
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{name}` |"))
+        assert kind in row and all(f"`{label}`" in row for label in labels), row
+    rules = yaml.safe_load((DEPLOY / "alert-rules.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    table = readme[readme.index("### Alert rules"):readme.index("### The dashboard")]
+    assert set(re.findall(r"^\| `(AgentMonitor\w+)` \|", table, re.M)) == alerts
+    for line in table.splitlines():
+        for name in alerts:
+            if line.startswith(f"| `{name}` |"):
+                severity = next(r["labels"]["severity"] for g in rules["groups"] for r in g["rules"]
+                                if r["alert"] == name)
+                assert line.rstrip().endswith(f"| {severity} |"), line
