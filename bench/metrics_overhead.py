@@ -7,10 +7,14 @@
    difference is what the metrics add to a batch.
 2. **The metric calls alone** for one batch (a verdict with its latency): ``WorkerMetrics`` against
    the same calls on prometheus-client's own Counter and Histogram, which the worker used before.
+3. With ``--live``: **a worker process on a real broker** (bench/live.py's backlog: ``--batches``
+   produced first, then timed from the worker's ready line to the last verdict), alternately with
+   and without ``--metrics-port``, ``--rounds`` pairs; batches/s and the worker's CPU per batch.
 
-Run: ``.venv/bin/python bench/metrics_overhead.py [--batches 20000] [--rounds 5]``; prints the
-figures and writes ``bench/results/metrics_overhead.json``. On a machine shared with other work,
-compare the medians of one run only.
+Run: ``.venv/bin/python bench/metrics_overhead.py [--batches 20000] [--rounds 5] [--live
+[--bootstrap-servers HOST:PORT]]``; prints the figures and writes
+``bench/results/metrics_overhead.json``. On a machine shared with other work, compare the medians of
+one run only.
 """
 
 from __future__ import annotations
@@ -165,10 +169,48 @@ def scrape_ms() -> float:
     return round(min(timeit.repeat(lambda: generate_latest(m.registry), number=200, repeat=3)) / 200 * 1e3, 3)
 
 
+def live_rounds(bootstrap: str, n: int, rounds: int) -> dict[str, Any]:
+    """Backlog runs of a worker process, alternately with and without /metrics."""
+    import tempfile
+    import uuid
+
+    import live
+
+    from monitor.config import TopicNames
+    from monitor.topics import create_topics
+
+    work = Path(tempfile.mkdtemp(prefix="metrics-overhead-"))
+    policy = work / "flow.gr"
+    policy.write_text(POLICY)
+    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    for i in range(rounds):
+        for flag in ((False, True) if i % 2 == 0 else (True, False)):
+            prefix = f"overhead-{uuid.uuid4().hex[:6]}"
+            create_topics(bootstrap, prefix, partitions_override=live.PARTITIONS)
+            topics = TopicNames.for_prefix(prefix)
+            settings = live.worker_settings(bootstrap, prefix, policy, "at-least-once", flag)
+            got = live.backlog(bootstrap, prefix, n, [sys.executable, "-m", "monitor.worker", settings.model_dump_json()],
+                               work / f"{prefix}.log", topics.verdicts, topics.events)
+            got["cpu_us_per_batch"] = round(got["cpu_percent"] / 100 / got["batches_per_s"] * 1e6, 1)
+            runs[flag].append(got)
+            print(f"live round {i + 1} {'with' if flag else 'without'} metrics: {got['batches_per_s']:,} batches/s, "
+                  f"{got['cpu_us_per_batch']} µs CPU a batch, load {os.getloadavg()[0]:.1f}", flush=True)
+    out: dict[str, Any] = {}
+    for flag, name in ((False, "without"), (True, "with")):
+        rates = [r["batches_per_s"] for r in runs[flag]]
+        cpu = [r["cpu_us_per_batch"] for r in runs[flag]]
+        out[name] = {"batches_per_s": rates, "cpu_us_per_batch": cpu,
+                     "median_batches_per_s": round(statistics.median(rates)),
+                     "median_cpu_us_per_batch": round(statistics.median(cpu), 1)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, default=20_000, help="batches per round (default 20,000)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds with and without metrics (default 5)")
+    ap.add_argument("--live", action="store_true", help="also a worker process on a real broker (see above)")
+    ap.add_argument("--bootstrap-servers", help="--live: this broker (default: one started from Kafka's jars)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "metrics_overhead.json"))
     args = ap.parse_args(argv)
 
@@ -203,6 +245,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"metric calls of one batch: WorkerMetrics {calls['worker_metrics_ns']} ns, "
           f"prometheus-client {calls['prometheus_client_ns']} ns; a scrape {doc['scrape_ms']} ms; "
           f"load average {doc['load_average']}")
+    if args.live:
+        broker = None
+        bootstrap = args.bootstrap_servers
+        if not bootstrap:
+            from monitor.broker import LocalBroker
+
+            broker = LocalBroker(heap="1g", jit=True).start(timeout=180)
+            bootstrap = broker.bootstrap_servers
+        try:
+            doc["live"] = live_rounds(bootstrap, args.batches, args.rounds)
+        finally:
+            if broker is not None:
+                broker.stop()
+        w, wo = doc["live"]["with"], doc["live"]["without"]
+        print(f"live: median {wo['median_batches_per_s']:,} batches/s without metrics, {w['median_batches_per_s']:,} "
+              f"with; CPU a batch {wo['median_cpu_us_per_batch']} µs without, {w['median_cpu_us_per_batch']} with")
+        doc["load_average_after"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
