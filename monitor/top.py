@@ -184,21 +184,25 @@ def quantile(q: float, buckets: dict[float, float]) -> float | None:
 
 def buckets(scrape: Scrape, name: str, prev: Scrape | None = None, **match: str) -> dict[float, float]:
     """A histogram's cumulative buckets (upper bound -> count) in ``scrape``, summed over the label
-    sets that ``match``; with ``prev``, what was added since."""
-    out: dict[float, float] = {}
-    before = {}
-    if prev is not None:
-        for labels, v in prev.values(name):
+    sets that ``match``; with ``prev``, what was added since. A sample without a numeric ``le`` is
+    left out."""
+
+    def summed(of: Scrape) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for labels, v in of.values(name):
             if all(labels.get(k) == x for k, x in match.items()):
-                key = float(labels["le"])
-                before[key] = before.get(key, 0.0) + v
-    for labels, v in scrape.values(name):
-        if all(labels.get(k) == x for k, x in match.items()):
-            key = float(labels["le"])
-            out[key] = out.get(key, 0.0) + v
-    if prev is not None:
-        return {k: increase(v, before.get(k, 0.0)) for k, v in out.items()}
-    return out
+                try:
+                    bound = float(labels["le"])
+                except (KeyError, ValueError):
+                    continue
+                out[bound] = out.get(bound, 0.0) + v
+        return out
+
+    now = summed(scrape)
+    if prev is None:
+        return now
+    before = summed(prev)
+    return {k: increase(v, before.get(k, 0.0)) for k, v in now.items()}
 
 
 def _merge(into: dict[float, float], more: dict[float, float]) -> None:
@@ -240,6 +244,16 @@ class Frame:
     policy_failures: dict[str, float] = field(default_factory=dict)  # kind -> total
 
 
+def _by_partition(scrape: Scrape, name: str) -> dict[int, float]:
+    """A per-partition gauge; a sample whose partition is no number is left out, never fatal."""
+    out = {}
+    for labels, v in scrape.values(name):
+        part = labels.get("partition", "")
+        if part.isdigit():
+            out[int(part)] = v
+    return out
+
+
 def _percentiles(buckets: dict[float, float]) -> tuple[float | None, float | None, float | None]:
     return quantile(0.5, buckets), quantile(0.95, buckets), quantile(0.99, buckets)
 
@@ -253,6 +267,7 @@ def compute(prev: dict[str, Scrape] | None, cur: dict[str, Scrape], rules: int =
     spans: list[float] = []
     all_latency: dict[float, float] = {}
     all_lifetime: dict[float, float] = {}
+    all_checks: dict[float, float] = {}
     rule_rates: dict[tuple[str, str], float] = {}
     rule_totals: dict[tuple[str, str], float] = {}
     parts: list[tuple[int, str, int, float, int | None]] = []
@@ -272,9 +287,9 @@ def compute(prev: dict[str, Scrape] | None, cur: dict[str, Scrape], rules: int =
         p = p if p is not None and not p.error else None
         row.partitions = int(s.total("agent_monitor_assigned_partitions"))
         row.sessions = int(s.total("agent_monitor_sessions"))
-        lags = {int(lb["partition"]): v for lb, v in s.values("agent_monitor_consumer_lag_records")}
-        ages = {int(lb["partition"]): v for lb, v in s.values("agent_monitor_consumer_lag_seconds")}
-        keys = {int(lb["partition"]): int(v) for lb, v in s.values("agent_monitor_state_keys")}
+        lags = _by_partition(s, "agent_monitor_consumer_lag_records")
+        ages = _by_partition(s, "agent_monitor_consumer_lag_seconds")
+        keys = {part: int(v) for part, v in _by_partition(s, "agent_monitor_state_keys").items()}
         row.lag_records = int(sum(lags.values()))
         row.lag_seconds = max(ages.values(), default=0.0)
         for part, behind in lags.items():
@@ -313,7 +328,9 @@ def compute(prev: dict[str, Scrape] | None, cur: dict[str, Scrape], rules: int =
             row.latency = _percentiles(window)
         else:
             row.latency, row.latency_lifetime = _percentiles(lifetime), True
-        row.check_p99 = quantile(0.99, buckets(s, CHECK, p))
+        checks = buckets(s, CHECK, p)
+        _merge(all_checks, checks)
+        row.check_p99 = quantile(0.99, checks)
         before = {(lb.get("rule", ""), lb.get("severity", "")): v for lb, v in p.values("agent_monitor_violations_total")}
         for labels, v in s.values("agent_monitor_violations_total"):
             key = (labels.get("rule", ""), labels.get("severity", ""))
@@ -329,6 +346,7 @@ def compute(prev: dict[str, Scrape] | None, cur: dict[str, Scrape], rules: int =
         for attr in counters:
             setattr(total, attr, sums[attr])
         total.deny_ratio = deny_sum / decided_sum if decided_sum else None
+        total.check_p99 = quantile(0.99, all_checks)
     if all_latency.get(math.inf, 0.0) > 0:
         total.latency = _percentiles(all_latency)
     else:

@@ -27,10 +27,10 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import from_json
 
+from monitor import __version__
 from monitor.changelog import ChangelogTable
 from monitor.config import WorkerSettings
 from monitor.core import BatchEvaluator, Outcome, failure_kind, short_validation
-from monitor import __version__
 from monitor.metrics import FILE_POLICY_VERSION, WorkerMetrics
 from monitor.models import SourceRef
 from monitor.policy import PolicySet, load_policy_set

@@ -10,6 +10,7 @@ import io
 import math
 
 import pytest
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 import monitor.top
@@ -165,7 +166,7 @@ def test_unreachable_or_not_a_worker(worker):
     got = scrape(f"http://127.0.0.1:{free_port()}/metrics")
     assert got.error and not got.samples
     m, url = worker
-    with serve_metrics(__import__("prometheus_client").CollectorRegistry(), port=0) as srv:
+    with serve_metrics(CollectorRegistry(), port=0, token="") as srv:
         assert "no agent_monitor_ metrics" in (scrape(srv.url).error or "")
     frame = compute(None, {url: scrape(url, TOKEN)})
     assert frame.seconds is None and frame.workers[0].batches_s is None  # no rates from one scrape
@@ -177,3 +178,18 @@ def test_unreachable_or_not_a_worker(worker):
 def test_doc_examples_run():
     failed, tried = doctest.testmod(monitor.top)
     assert failed == 0 and tried > 5
+
+
+def test_odd_samples_from_an_endpoint_are_left_out_not_fatal():
+    from prometheus_client import Counter, Gauge
+
+    r = CollectorRegistry()
+    Gauge("agent_monitor_consumer_lag_records", "x", ["partition"], registry=r).labels(partition="p0").set(3)
+    Gauge("agent_monitor_consumer_lag_records_x", "x", registry=r).set(1)
+    Counter("agent_monitor_verdict_latency_seconds_bucket", "not a histogram", ["le"], registry=r).labels(
+        le="soon").inc()
+    with serve_metrics(r, port=0, token="") as srv:  # "": no token, whatever the environment says
+        first, second = scrape(srv.url, None), scrape(srv.url, None)
+    frame = compute({srv.url: first}, {srv.url: second})
+    assert frame.workers[0].error is None and frame.partitions == [] and frame.workers[0].latency == (None,) * 3
+    render(frame)
