@@ -32,7 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("LOCAL_POLICY", "1")
 
 from traffic import POLICY, Sessions, producer  # noqa: E402
@@ -86,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs"), help="folder of the PNGs (default docs/)")
     args = ap.parse_args(argv)
 
-    from workers import WorkerProcess
-
     from monitor.broker import LocalBroker, free_port
+    from monitor.config import WorkerSettings
     from monitor.topics import create_topics
+    from monitor.worker_process import WorkerProcess
 
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="agent-monitor-pictures-"))
@@ -106,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     port, prom_port = free_port(), free_port()
     try:
         create_topics(bootstrap, prefix, partitions_override=6)
-        worker = WorkerProcess(bootstrap, prefix, work / "flow.gr", partitions=6, metrics_port=port,
-                               worker_id="worker-1")
+        worker = WorkerProcess(WorkerSettings(bootstrap_servers=bootstrap, topic_prefix=prefix,
+                                              policy_path=str(work / "flow.gr"), partitions=6, metrics_port=port,
+                                              worker_id="worker-1"), log_path=work / "worker.log")
         with worker, PrometheusServer(
                 local_config([f"127.0.0.1:{port}"], work / "token", interval="2s",
                              self_target=f"127.0.0.1:{prom_port}"), work / "prometheus", port=prom_port) as prom:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from traces import BENIGN, FLOW, SEND_EMAIL, USER_SEND
-from workers import WorkerProcess, batch, consume, produce_batches, topics
+from workers import batch, consume, produce_batches, topics, worker
 
 from deploy.local.prometheus_server import PrometheusMissing, PrometheusServer, local_config
 from monitor.broker import free_port
@@ -24,6 +24,7 @@ from monitor.cli import main
 from monitor.metrics import METRICS
 from monitor.policy import load_policy_set
 from monitor.top import buckets, quantile, scrape
+from monitor.worker_process import WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
@@ -72,18 +73,18 @@ def test_prometheus_scrapes_a_worker_under_load_and_every_panel_has_data(kafka_b
     # the same worker scraped without the token: Prometheus must be refused
     config["scrape_configs"].append({"job_name": "no-token", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]})
     server = PrometheusServer(config, tmp_path / "prometheus", port=prom_port)
-    with WorkerProcess(kafka_bootstrap, topic_prefix, policy, metrics_port=port, partitions=4) as worker:
+    with worker(kafka_bootstrap, topic_prefix, policy, metrics_port=port, partitions=4) as running:
         try:
             server.start()
         except PrometheusMissing as exc:
             pytest.fail(str(exc), pytrace=False)
         try:
-            _run(server, worker, kafka_bootstrap, t, port, token, policy, capsys)
+            _run(server, running, kafka_bootstrap, t, port, token, policy, capsys)
         finally:
             server.stop()
 
 
-def _run(prom: PrometheusServer, worker: WorkerProcess, bootstrap: str, t, port: int, token: str,
+def _run(prom: PrometheusServer, running: WorkerProcess, bootstrap: str, t, port: int, token: str,
          policy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # -- a small load over a few seconds: each session asks for "send", then half of them send
     batches = []
@@ -166,7 +167,7 @@ def _run(prom: PrometheusServer, worker: WorkerProcess, bootstrap: str, t, port:
     assert active == {"AgentMonitorDeadLetters": "firing"}
     (alert,) = rules["AgentMonitorDeadLetters"]["alerts"]
     assert alert["labels"]["kind"] == "not_json"
-    assert worker.proc is not None and worker.proc.poll() is None
+    assert running.proc is not None and running.proc.poll() is None
 
     # -- agent-monitor top reads the same worker (its token from the environment), and its
     # percentiles are Prometheus' histogram_quantile over the same buckets
