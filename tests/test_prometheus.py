@@ -1,6 +1,6 @@
 """A real Prometheus (Debian's package) scrapes a real worker with the bearer token, as
 deploy/prometheus.yml says, during a small load on a real broker: every metric is there, the counts
-are the load's, every alert rule evaluates (and the dead-letter alert fires), and the PromQL of
+are the load's, every alert rule evaluates (the dead-letter alert fires, no other), and the PromQL of
 every dashboard panel returns data with the labels its legend names."""
 
 from __future__ import annotations
@@ -134,9 +134,17 @@ def _run(prom: PrometheusServer, running: WorkerProcess, bootstrap: str, t, port
     assert value("sum(agent_monitor_assigned_partitions)") == 4
     assert value("sum(agent_monitor_rebalances_total)") >= 1
     assert value("sum(agent_monitor_commits_total)") >= 1
-    assert value("sum(agent_monitor_consumer_lag_records)") == 0  # caught up
+    def settles_at(expr: str, expected: float) -> None:
+        """A gauge the worker's loop sets on its tick (every second): its last scrape may be a tick old."""
+        def probe() -> bool:
+            got = prom.query(expr)
+            return bool(got) and float(got[0]["value"][1]) == expected
+
+        prom.wait_for(probe, 20, f"{expr} == {expected}")
+
+    settles_at("sum(agent_monitor_consumer_lag_records)", 0)  # caught up
+    settles_at("sum(agent_monitor_sessions)", SESSIONS)
     assert value("sum(agent_monitor_state_keys)") > SESSIONS
-    assert value("sum(agent_monitor_sessions)") == SESSIONS
     assert value("time() - max(agent_monitor_heartbeat_timestamp_seconds)") < 10
     (loaded,) = load_policy_set(policy).all()
     assert value(f'agent_monitor_policy_info{{policy_id="{loaded.policy_id}", version="file", '
@@ -163,8 +171,14 @@ def _run(prom: PrometheusServer, running: WorkerProcess, bootstrap: str, t, port
             else None
 
     rules = prom.wait_for(evaluated, 30, "every rule to evaluate, and AgentMonitorDeadLetters to fire")
-    active = {name: r["state"] for name, r in rules.items() if r["state"] != "inactive"}
-    assert active == {"AgentMonitorDeadLetters": "firing"}
+    firing = {name for name, r in rules.items() if r["state"] == "firing"}
+    assert firing == {"AgentMonitorDeadLetters"}
+    # a healthy worker is neither down, stalled nor silent, and its policy never failed (the latency
+    # and deny-share rules may be pending on a busy machine or at a 25% deny share: their 10 minutes
+    # never pass here)
+    for name in ("AgentMonitorWorkerDown", "AgentMonitorNoWorkerUp", "AgentMonitorWorkerStalled",
+                 "AgentMonitorNoVerdicts", "AgentMonitorPolicyFailures"):
+        assert rules[name]["state"] == "inactive", (name, rules[name])
     (alert,) = rules["AgentMonitorDeadLetters"]["alerts"]
     assert alert["labels"]["kind"] == "not_json"
     assert running.proc is not None and running.proc.poll() is None
