@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars browser docker-tools images test-containers demo test test-unit bench-engine bench-live chaos bench-replay bench-replay-instructions bench-http serve broker-start broker-stop clean
+.PHONY: install jars browser prometheus docker-tools images test-containers demo test test-unit bench-engine bench-live chaos bench-replay bench-replay-instructions bench-http serve broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -21,6 +21,11 @@ jars: $(STAMP)
 # Debian's chromium: the HTML report test renders the report in a real headless browser
 browser:
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+# Debian's prometheus (prometheus and promtool): the alert rules' unit tests, and a real Prometheus
+# scraping a worker in the integration tests
+prometheus:
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
 
 # Debian's docker.io (dockerd, its BuildKit) and debootstrap: `make images` builds every base image
 # here, since no image registry is reachable
@@ -40,10 +45,10 @@ test-containers: $(STAMP) docker-tools
 demo: jars
 	$(BIN)/agent-monitor demo
 
-test: jars browser
+test: jars browser prometheus
 	$(BIN)/python -m pytest -q
 
-test-unit: $(STAMP)
+test-unit: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q -m 'not integration'
 
 bench-engine: $(STAMP)

@@ -95,20 +95,26 @@ class Child:
         self._err.close()
 
 
-def start_worker(bootstrap: str, prefix: str, policy: Path, guarantee: str, log: Path) -> Child:
+def worker_settings(bootstrap: str, prefix: str, policy: Path, guarantee: str, metrics: bool) -> Any:
+    from monitor.broker import free_port
     from monitor.config import WorkerSettings
 
-    settings = WorkerSettings(bootstrap_servers=bootstrap, topic_prefix=prefix, policy_path=str(policy),
-                              guarantee=guarantee, partitions=PARTITIONS, worker_id="bench")
+    return WorkerSettings(bootstrap_servers=bootstrap, topic_prefix=prefix, policy_path=str(policy),
+                          guarantee=guarantee, partitions=PARTITIONS, worker_id="bench",
+                          metrics_port=free_port() if metrics else None)
+
+
+def start_worker(bootstrap: str, prefix: str, policy: Path, guarantee: str, log: Path, metrics: bool) -> Child:
+    settings = worker_settings(bootstrap, prefix, policy, guarantee, metrics)
     return Child([sys.executable, "-m", "monitor.worker", settings.model_dump_json()], log)
 
 
 def offered(bootstrap: str, prefix: str, policy: Path, guarantee: str, seconds: float,
-            workdir: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+            workdir: Path, metrics: bool = False) -> tuple[list[dict[str, Any]], dict[str, int]]:
     from monitor.config import TopicNames
 
     topics = TopicNames.for_prefix(prefix)
-    worker = start_worker(bootstrap, prefix, policy, guarantee, workdir / f"worker-{prefix}.log")
+    worker = start_worker(bootstrap, prefix, policy, guarantee, workdir / f"worker-{prefix}.log", metrics)
     sessions = Sessions(1000)
     sent_at: dict[tuple[str, str], float] = {}
     sent = []
@@ -181,16 +187,13 @@ def run_guarantee(bootstrap: str, guarantee: str, args: argparse.Namespace, work
     print(f"{guarantee}: offered loads, {args.seconds:g} s each", flush=True)
     prefix = f"live-{tag}-o"
     create_topics(bootstrap, prefix, partitions_override=PARTITIONS)
-    rows, counts = offered(bootstrap, prefix, policy, guarantee, args.seconds, workdir)
+    rows, counts = offered(bootstrap, prefix, policy, guarantee, args.seconds, workdir, args.metrics)
 
     print(f"{guarantee}: a backlog of {args.backlog:,} batches through the worker", flush=True)
     prefix = f"live-{tag}-b"
     create_topics(bootstrap, prefix, partitions_override=PARTITIONS)
     topics = TopicNames.for_prefix(prefix)
-    from monitor.config import WorkerSettings
-
-    settings = WorkerSettings(bootstrap_servers=bootstrap, topic_prefix=prefix, policy_path=str(policy),
-                              guarantee=guarantee, partitions=PARTITIONS, worker_id="bench")
+    settings = worker_settings(bootstrap, prefix, policy, guarantee, args.metrics)
     mon = backlog(bootstrap, prefix, args.backlog, [sys.executable, "-m", "monitor.worker", settings.model_dump_json()],
                   workdir / f"worker-{prefix}.log", topics.verdicts, topics.events)
     print(f"  monitor:   {mon['batches_per_s']:,} batches/s = {mon['events_per_s']:,} events/s, "
@@ -244,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backlog", type=int, default=100_000, help="batches in the backlog (default 100,000)")
     ap.add_argument("--guarantee", choices=["both", "at-least-once", "exactly-once"], default="both")
     ap.add_argument("--bootstrap-servers", help="use this broker instead of starting one (full JIT)")
+    ap.add_argument("--metrics", action="store_true",
+                    help="workers serve /metrics (--metrics-port) as in production; compare with a run without")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "live.json"))
     args = ap.parse_args(argv)
 
@@ -273,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     doc["command"] = "make bench-live" if not argv else "bench/live.py " + " ".join(argv)
     doc["seconds"] = round(time.time() - started)
     doc["setup"] = (f"one worker, {PARTITIONS} partitions, batches of {EVENTS_PER_BATCH} events, Kafka on "
-                    f"loopback with full JIT, {os.cpu_count()} cores shared by broker, worker and load")
+                    f"loopback with full JIT, {os.cpu_count()} cores shared by broker, worker and load"
+                    + (", the worker serving /metrics" if args.metrics else ""))
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out} ({doc['seconds']} s)")
     return 0

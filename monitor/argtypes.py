@@ -58,3 +58,13 @@ def host_ports(text: str) -> str:
         if not sep or not host or not number.isdigit():
             raise argparse.ArgumentTypeError(f"expected HOST:PORT[,HOST:PORT...], got {text!r}")
     return text
+
+
+def metrics_url(text: str) -> str:
+    """A worker's /metrics URL from ``HOST:PORT`` or an http(s) URL (:func:`monitor.top.metrics_url`)."""
+    from monitor.top import metrics_url as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

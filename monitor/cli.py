@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monitor.argtypes import host_ports, int_at_least, non_negative_float, port, positive_float
+from monitor.argtypes import host_ports, int_at_least, metrics_url, non_negative_float, port, positive_float
 from monitor.api.cli import register_cli as register_serve
 from monitor.cli_options import CliError, bootstrap_of, kafka_args, prefix_of
 from monitor.console import make_console, render_record, render_verdict
@@ -242,6 +242,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     timeout=args.timeout, bootstrap_servers=args.bootstrap_servers)
 
 
+# -- top ----------------------------------------------------------------------------------------
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from monitor.top import DEFAULT_URL, read_token, run_top
+
+    try:
+        token = read_token(args.token, args.token_file)
+    except OSError as exc:
+        raise CliError(f"cannot read the token file: {exc}") from None
+    return run_top(args.url or [DEFAULT_URL], token, make_console(), interval=args.interval, once=args.once,
+                   rules=args.rules, timeout=args.timeout, max_partitions=args.partitions)
+
+
 # -- the parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker(sub)
     _add_policy(sub)
     _add_demo(sub)
+    _add_top(sub)
     register_replay(sub)  # replay and verify
     register_serve(sub)  # the HTTP API
     return parser
@@ -390,6 +404,29 @@ def _add_demo(sub: Any) -> None:
     d.add_argument("--keep", action="store_true",
                    help="leave the broker and worker running afterwards (prints how to stop them)")
     d.set_defaults(func=cmd_demo)
+
+
+def _add_top(sub: Any) -> None:
+    tp = sub.add_parser("top", help="a live view of workers from their /metrics: throughput, latency, deny rate, "
+                                    "top rules, lag per partition",
+                        description="A live terminal view of one or more workers, read from their Prometheus "
+                                    "/metrics (agent-monitor run --metrics-port). Rates are over the time between "
+                                    "two scrapes; latency percentiles are produce-to-verdict.")
+    tp.add_argument("--url", action="append", type=metrics_url, metavar="URL",
+                    help="a worker's /metrics: HOST:PORT or a URL (repeatable; default 127.0.0.1:9464)")
+    tp.add_argument("--token", help="bearer token (default: --token-file, else $AGENT_MONITOR_METRICS_TOKEN; a "
+                                    "token on the command line is visible to other users of this machine)")
+    tp.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file's first line")
+    tp.add_argument("--interval", type=positive_float, default=2.0, metavar="S",
+                    help="seconds between refreshes (default 2)")
+    tp.add_argument("--once", action="store_true",
+                    help="print one frame (two scrapes --interval apart) and exit; exit 1 if no worker answered")
+    tp.add_argument("--rules", type=int_at_least(1), default=10, metavar="N", help="rules shown (default 10)")
+    tp.add_argument("--partitions", type=int_at_least(1), default=24, metavar="N",
+                    help="partitions shown, the most behind first (default 24)")
+    tp.add_argument("--timeout", type=positive_float, default=5.0, metavar="S",
+                    help="seconds to wait for each /metrics (default 5)")
+    tp.set_defaults(func=cmd_top)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,8 +64,9 @@ def test_alerts_dead_letters_policy_failures_and_state():
     m.policy_failure("timeout")
     m.duplicate_batch()
     m.set_sessions(7)
-    m.set_consumer_lag(3, 120)
-    m.set_consumer_lag(4, -5)  # a stale end offset never shows negative lag
+    m.set_consumer_lag(3, 120, 4.5)
+    m.set_consumer_lag(4, -5, -1.0)  # a stale end offset never shows negative lag
+    m.set_state_keys({3: 40, 4: 2})
 
     assert m.value("agent_monitor_alerts_total", rule="x [risk=low]", severity="low") == 1
     assert m.value("agent_monitor_dead_letters_total", kind="not_json") == 2
@@ -74,13 +75,19 @@ def test_alerts_dead_letters_policy_failures_and_state():
     assert m.value("agent_monitor_policy_failures_total", kind="timeout") == 2
     assert m.value("agent_monitor_duplicate_batches_total") == 1
     assert m.value("agent_monitor_sessions") == 7
-    assert m.value("agent_monitor_consumer_lag", partition="3") == 120
-    assert m.value("agent_monitor_consumer_lag", partition="4") == 0
+    assert m.value("agent_monitor_consumer_lag_records", partition="3") == 120
+    assert m.value("agent_monitor_consumer_lag_seconds", partition="3") == 4.5
+    assert m.value("agent_monitor_consumer_lag_records", partition="4") == 0
+    assert m.value("agent_monitor_consumer_lag_seconds", partition="4") == 0
+    assert m.value("agent_monitor_state_keys", partition="3") == 40
     m.forget_partitions([3, 99])
-    assert m.registry.get_sample_value("agent_monitor_consumer_lag", {"partition": "3"}) is None
-    assert m.value("agent_monitor_consumer_lag", partition="4") == 0
+    for name in ("agent_monitor_consumer_lag_records", "agent_monitor_consumer_lag_seconds",
+                 "agent_monitor_state_keys"):
+        assert m.registry.get_sample_value(name, {"partition": "3"}) is None, name
+        assert m.registry.get_sample_value(name, {"partition": "4"}) is not None, name
     m.forget_partitions()
-    assert m.registry.get_sample_value("agent_monitor_consumer_lag", {"partition": "4"}) is None
+    assert m.registry.get_sample_value("agent_monitor_consumer_lag_records", {"partition": "4"}) is None
+    assert m.registry.get_sample_value("agent_monitor_state_keys", {"partition": "4"}) is None
     with pytest.raises(ValueError):
         m.policy_failure("crash")
 
@@ -176,3 +183,132 @@ def test_serve_metrics_reads_token_and_host_from_environment(monkeypatch):
     with serve_metrics(m.registry, port=0, token="explicit") as srv:
         assert _get(srv.url, token="from-env")[0] == 401
         assert _get(srv.url, token="explicit")[0] == 200
+
+
+def test_verdict_latency_is_a_histogram_with_inclusive_upper_bounds():
+    m = WorkerMetrics()
+    for seconds in (0.001, 0.0011, 0.3, 400.0, -2.0):  # a producer clock ahead of ours counts as 0
+        m.observe_verdict_latency(seconds)
+    bucket = "agent_monitor_verdict_latency_seconds_bucket"
+    assert m.value(bucket, le="0.001") == 2  # le is "less or equal": 0.001 itself and the clamped -2
+    assert m.value(bucket, le="0.0025") == 3
+    assert m.value(bucket, le="0.25") == 3 and m.value(bucket, le="0.5") == 4
+    assert m.value(bucket, le="300.0") == 4 and m.value(bucket, le="+Inf") == 5
+    assert m.value("agent_monitor_verdict_latency_seconds_count") == 5
+    assert m.value("agent_monitor_verdict_latency_seconds_sum") == pytest.approx(400.3021)
+
+
+def test_one_active_version_per_policy():
+    m = WorkerMetrics()
+    m.set_policy("flow", "a" * 64)
+    m.set_policy("secrets", "b" * 64)
+    m.set_policy("flow", "c" * 64, version="7")  # a reload (or a registry's new version) replaces it
+    series = {tuple(sorted(s.labels.items())) for f in m.registry.collect() if f.name == "agent_monitor_policy_info"
+              for s in f.samples}
+    assert series == {
+        (("policy_id", "flow"), ("policy_sha256", "c" * 64), ("version", "7")),
+        (("policy_id", "secrets"), ("policy_sha256", "b" * 64), ("version", "file")),
+    }
+
+
+def test_runtime_counters_are_read_when_scraped():
+    from types import SimpleNamespace
+
+    m = WorkerMetrics()
+    assert m.value("agent_monitor_rebalances_total") == 0 and m.value("agent_monitor_assigned_partitions") == 0
+    # the attributes monitor.runtime.Runtime keeps; the real one is scraped in tests/test_prometheus.py
+    runtime = SimpleNamespace(rebalances=1, commits=10, aborts=0, assignment=[0, 2])
+    m.attach_runtime(runtime)
+    runtime.rebalances, runtime.aborts, runtime.assignment = 3, 1, [0, 2, 5]
+    assert m.value("agent_monitor_rebalances_total") == 3
+    assert m.value("agent_monitor_commits_total") == 10
+    assert m.value("agent_monitor_transaction_aborts_total") == 1
+    assert m.value("agent_monitor_assigned_partitions") == 3
+
+
+def test_heartbeat_and_worker_info():
+    m = WorkerMetrics(engine="incremental")
+    # no heartbeat before the loop's first tick: an alert on its age must not see a zero
+    assert m.registry.get_sample_value("agent_monitor_heartbeat_timestamp_seconds") is None
+    m.beat(1_700_000_000.5)
+    assert m.value("agent_monitor_heartbeat_timestamp_seconds") == 1_700_000_000.5
+    m.set_worker("w-1", "exactly-once", "0.1.0")
+    assert m.value("agent_monitor_worker_info", worker_id="w-1", engine="incremental", guarantee="exactly-once",
+                   version="0.1.0") == 1
+
+
+def _populated() -> WorkerMetrics:
+    from types import SimpleNamespace
+
+    m = WorkerMetrics(engine="incremental")
+    m.batch_consumed(2)
+    m.observe_verdict(Verdict(session_id="s", batch_id="b", decision="deny", violations=[_violation("r")]))
+    m.alert_published(_violation("r"))
+    m.observe_verdict_latency(0.01)
+    m.set_consumer_lag(0, 3, 0.5)
+    m.set_state_keys({0: 3})
+    m.beat()
+    m.set_policy("p", "a" * 64)
+    m.set_worker("w", "at-least-once", "0.1.0")
+    m.attach_runtime(SimpleNamespace(rebalances=1, commits=1, aborts=0, assignment=[0]))
+    return m
+
+
+def test_every_metric_is_listed_with_its_type_and_labels():
+    from monitor.metrics import METRICS
+
+    exported = {}
+    for family in _populated().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = {k for s in family.samples for k in s.labels if k != "le"}
+        exported[name] = (family.type, labels)
+    assert set(exported) == set(METRICS)
+    for name, (kind, labels, doc) in METRICS.items():
+        assert exported[name] == (kind, set(labels)), name
+        assert doc and name.startswith("agent_monitor_")
+        # Prometheus conventions: counters end in _total, a unit is the last word of a measurement
+        assert (kind == "counter") == name.endswith("_total"), name
+        assert not name.endswith(("_ms", "_milliseconds", "_count", "_sum", "_bucket")), name
+
+
+def test_scrapes_while_the_loop_records_never_fail():
+    import threading
+
+    from prometheus_client import generate_latest
+
+    m = WorkerMetrics(engine="incremental")
+    stop = threading.Event()
+
+    def loop() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            m.batch_consumed(1)
+            m.set_consumer_lag(i % 64, i)  # new partitions appear while a scrape iterates them
+            m.set_state_keys({p: i for p in range(i % 64)})
+            m.observe_verdict(Verdict(session_id="s", batch_id="b", decision="deny",
+                                      violations=[_violation(f"rule {i % 300}")]))
+            if i % 50 == 0:
+                m.forget_partitions(range(0, 64, 2))
+
+    writer = threading.Thread(target=loop)
+    writer.start()
+    try:
+        seen = []
+        for _ in range(200):
+            text = generate_latest(m.registry).decode()
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            seen.append(families["agent_monitor_batches"].samples[0].value)
+    finally:
+        stop.set()
+        writer.join()
+    assert seen == sorted(seen) and seen[-1] > 0  # counters only grow
+
+
+def test_doc_examples_run():
+    import doctest
+
+    import monitor.metrics
+
+    failed, tried = doctest.testmod(monitor.metrics)
+    assert failed == 0 and tried > 5
