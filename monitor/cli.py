@@ -23,7 +23,8 @@ from typing import Any
 
 from monitor.argtypes import host_ports, int_at_least, metrics_url, non_negative_float, port, positive_float
 from monitor.api.cli import register_cli as register_serve
-from monitor.cli_options import CliError, bootstrap_of, kafka_args, prefix_of
+from monitor import sandbox
+from monitor.cli_options import CliError, allow_import_arg, bootstrap_of, kafka_args, prefix_of
 from monitor.console import make_console, render_record, render_verdict
 from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MonitorError
 from monitor.policy import parse_policies
@@ -38,6 +39,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitor.config import WorkerSettings
 
     # refuse a bad policy before touching Kafka (the worker loads the full policy set itself)
+    sandbox.set_allowed_imports(args.allow_import or [])
     policies = parse_policies(args.policy)
     bootstrap = bootstrap_of(args)
     wait_for_broker(bootstrap, args.connect_timeout)
@@ -49,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "commit_interval_ms": args.commit_interval_ms, "worker_id": args.worker_id, "log_level": args.log_level,
         "max_record_bytes": args.max_record_bytes, "create_topics": not args.no_create_topics,
         "max_verdict_violations": args.max_verdict_violations, "verdict_memory": args.verdict_memory,
-        "reference_max_history": args.history,
+        "reference_max_history": args.history, "allow_imports": args.allow_import or [],
     }
     if args.session_ttl is not None:
         fields["session_ttl_s"] = None if args.session_ttl == 0 else args.session_ttl
@@ -201,6 +203,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 # -- policy -------------------------------------------------------------------------------------
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
+    sandbox.set_allowed_imports(args.allow_import or [])
     for policy in parse_policies(args.path):
         n = len(policy.rules)
         print(f"{', '.join(policy.sources) or args.path}: ok ({n} rule{'s' if n != 1 else ''}, "
@@ -214,6 +217,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
     from monitor.engine import make_engine
 
+    sandbox.set_allowed_imports(args.allow_import or [])
     console = make_console()
     for policy in parse_policies(args.path):
         engine = make_engine(policy, args.engine)
@@ -303,6 +307,7 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--history", type=int_at_least(1), metavar="EVENTS",
                    help="events of the past the reference engine (and rules the incremental engine cannot "
                         "compile) see (default 2000)")
+    allow_import_arg(p)
     p.add_argument("--metrics-port", type=port, metavar="PORT", help="serve Prometheus /metrics on this port")
     p.add_argument("--guarantee", choices=["at-least-once", "exactly-once"],
                    help="at-least-once (default): a verdict goes out as soon as it is decided, a crash "
@@ -382,11 +387,13 @@ def _add_policy(sub: Any) -> None:
     posub = po.add_subparsers(dest="action", required=True, metavar="ACTION")
     pc = posub.add_parser("check", help="parse a policy file or folder and report")
     pc.add_argument("path", metavar="FILE|DIR")
+    allow_import_arg(pc)
     pc.set_defaults(func=cmd_policy_check)
     pe = posub.add_parser("explain", help="per rule: which engine evaluates it and why")
     pe.add_argument("path", metavar="FILE|DIR")
     pe.add_argument("--engine", choices=["incremental", "reference"], default="incremental")
     pe.add_argument("--json", action="store_true")
+    allow_import_arg(pe)
     pe.set_defaults(func=cmd_policy_explain)
 
 

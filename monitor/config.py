@@ -65,6 +65,8 @@ class WorkerSettings(BaseModel):
     max_verdict_violations: int = Field(default=200, ge=1, description=(
         "violations listed in one verdict; the rest are counted (alerts carry every one)"))
     reference_max_history: int = Field(default=2000, ge=1)
+    allow_imports: list[str] = Field(default_factory=list, description=(
+        "modules or names policies may import beyond invariant's builtins and detectors (the sandbox)"))
     guarantee: Literal["at-least-once", "exactly-once"] = Field(default="at-least-once", description=(
         "at-least-once: verdicts go out at once, a crash may repeat one; exactly-once: verdicts, "
         "alerts, state and offsets commit in one Kafka transaction"))

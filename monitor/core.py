@@ -42,6 +42,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import from_json
 
+from monitor import sandbox
 from monitor.config import WorkerSettings
 from monitor.engine import BudgetExceeded, Engine, EngineError, make_engine
 from monitor.errors import MonitorError
@@ -342,7 +343,8 @@ class BatchEvaluator:
         try:
             state = store.engine_state(head, policy.policy_id, engine.name, batch.session_id)
             deadline = None if budget is None else started + budget / 1000.0
-            result = await engine.check(state, batch.trace(), deadline=deadline)
+            with sandbox.guarded():  # no network, process or file write while policy code runs
+                result = await engine.check(state, batch.trace(), deadline=deadline)
         except StateCorrupted as exc:
             log.error("%s", exc)
             reason = f"the session's stored state is damaged: {exc}"

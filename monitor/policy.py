@@ -1,7 +1,9 @@
 """Loading monitor policies from files: text, id, sha256, and errors a person can act on.
 
 A policy is one Invariant policy file or a folder of them (``*.gr``, ``*.iv``, ``*.policy``,
-read in name order). Policies are code: load only files the operator controls.
+read in name order). Policies are code: every load goes through the policy sandbox
+(:mod:`monitor.sandbox`), which refuses imports outside invariant's builtins and detectors (plus
+``--allow-import``) before anything is linked, and guards what linking runs.
 
 Example::
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor import sandbox
 from monitor.errors import EXIT_USAGE, MonitorError
 
 POLICY_SUFFIXES = (".gr", ".iv", ".policy", ".inv")
@@ -68,18 +71,20 @@ _LINE = re.compile(r"at line (\d+) col")
 _FILE_LINE = re.compile(r"^File [^\n]*:(\d+)$", re.M)
 
 
-_PARSED: dict[tuple[str, str | None], object] = {}
+_PARSED: dict[tuple[str, str | None, tuple[str, ...]], object] = {}
 
 
 def _parse(text: str, path: str | None):
-    """Parse once per (text, path): parsing costs 100-200 ms and a folder is read several ways."""
-    key = (text, path)
+    """Parse once per (text, path, allowed imports): parsing costs 100-200 ms and a folder is read
+    several ways."""
+    key = (text, path, sandbox.allowed_imports())
     if key not in _PARSED:
         _PARSED[key] = _parse_uncached(text, path)
     return _PARSED[key]
 
 
 def _parse_uncached(text: str, path: str | None):
+    from invariant.analyzer.language.parser import parse
     from invariant.analyzer.policy import LocalPolicy
 
     from monitor.detectors import install
@@ -89,7 +94,16 @@ def _parse_uncached(text: str, path: str | None):
 
     where = path or "<policy>"
     try:
-        return LocalPolicy.from_string(text, path=path)
+        root = parse(text, path, optimize_rules=False)
+        if not root.errors:
+            # before linking: linking imports (runs) every module the policy names
+            refused = sandbox.refusals(root, text)
+            if refused:
+                raise PolicyLoadError(sandbox.describe(refused, where), path, refused[0].line)
+        with sandbox.guarded():  # what linking runs is policy code too
+            return LocalPolicy(root, symbol_table=sandbox.symbol_table())
+    except PolicyLoadError:
+        raise
     except PolicyLoadingError as exc:
         detail = str(exc).split("The following errors were found:", 1)[-1].strip()
         m = _FILE_LINE.search(detail) or _LINE.search(detail)

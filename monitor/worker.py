@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from monitor import __version__
+from monitor import __version__, sandbox
 from monitor.changelog import ChangelogTable
 from monitor.config import WorkerSettings
 from monitor.core import BatchEvaluator, Outcome, failure_kind, short_validation
@@ -220,6 +220,8 @@ def runtime_config(settings: WorkerSettings) -> RuntimeConfig:
 
 def run_worker(settings: WorkerSettings) -> None:
     """Load the policy (refusing a bad one), then consume, check and publish until SIGTERM/SIGINT."""
+    sandbox.set_allowed_imports(settings.allow_imports)
+    sandbox.install_guard()
     policies = load_policy_set(settings.policy_path)
     level = settings.log_level.upper()
     logging.basicConfig(level=getattr(logging, level, logging.WARNING), stream=sys.stderr,
