@@ -46,7 +46,7 @@ from monitor import sandbox
 from monitor.config import WorkerSettings
 from monitor.engine import BudgetExceeded, Engine, EngineError, make_engine
 from monitor.errors import MonitorError
-from monitor.models import Alert, DeadLetter, EventBatch, SourceRef, Verdict, Violation
+from monitor.models import Action, Alert, DeadLetter, EventBatch, SourceRef, Verdict, Violation
 from monitor.policy import LoadedPolicy, PolicySet
 from monitor.state import SessionHead, SessionStore, StateCorrupted
 
@@ -252,6 +252,8 @@ class BatchEvaluator:
             p.policy_id: make_engine(p, settings.engine, max_history=settings.reference_max_history)
             for p in policies.all()
         }
+        # per policy id: what each rule's violations do (block or log)
+        self.actions: dict[str, dict[int, Action]] = {p.policy_id: p.rule_actions() for p in policies.all()}
 
     def engine_names(self) -> str:
         return ",".join(sorted({e.name for e in self.engines.values()}))
@@ -328,7 +330,8 @@ class BatchEvaluator:
             verdict = Verdict(decision="deny", reason=str(exc.args[0]), policy_id=batch.policy, **fields)
             return self._remember(store, head, verdict, events=n)
         engine = self.engines[policy.policy_id]
-        fields.update(policy_id=policy.policy_id, policy_sha256=policy.sha256, engine=engine.name)
+        fields.update(policy_id=policy.policy_id, policy_version=policy.version, policy_sha256=policy.sha256,
+                      engine=engine.name)
 
         if batch.seq is not None and head.last_seq is not None and batch.seq <= head.last_seq:
             verdict = Verdict(decision="deny", reason=(
@@ -362,9 +365,13 @@ class BatchEvaluator:
             verdict = Verdict(decision=decision, reason=reason, eval_ms=eval_ms, **fields)
             return self._remember(store, head, verdict, events=n)
 
-        violations = [Violation.from_match(m, batch.session_id, policy.sha256) for m in result.matches]
+        actions = self.actions[policy.policy_id]
+        violations = [Violation.from_match(m, batch.session_id, policy.sha256, actions.get(m.rule_index, "block"))
+                      for m in result.matches]
         cap = self.settings.max_verdict_violations
-        verdict = Verdict(decision="deny" if violations else "allow", violations=violations[:cap],
+        # a logged violation is listed and alerted; only a blocking one denies the batch
+        blocked = any(v.action == "block" for v in violations)
+        verdict = Verdict(decision="deny" if blocked else "allow", violations=violations[:cap],
                           eval_ms=eval_ms, violations_omitted=max(0, len(violations) - cap), **fields)
         joins = joins_past(verdict, self.settings.keep_denied)
         out = self._remember(

@@ -36,6 +36,8 @@ SCHEMA_VERSION = 1
 
 Decision = Literal["allow", "deny"]
 Severity = Literal["low", "medium", "high", "critical"]
+Action = Literal["block", "log"]
+"""What a rule's violation does: ``block`` denies the batch, ``log`` lets it through (alerts still go out)."""
 
 
 def utcnow() -> datetime:
@@ -160,6 +162,20 @@ def parse_severity(message: str, kwargs: dict[str, Any] | None = None,
     return m.group(1).lower() if m else default  # type: ignore[return-value]
 
 
+_ACTION = re.compile(r"\[action\s*=\s*(block|log)\]", re.I)
+
+
+def parse_action(message: str) -> Action | None:
+    """``[action=log]`` (or ``[action=block]``) in a rule's message, as ``[risk=...]`` sets severity;
+    None when the message names no action.
+
+    >>> parse_action("Secret in a shell command [risk=medium] [action=log]"), parse_action("x")
+    ('log', None)
+    """
+    m = _ACTION.search(message)
+    return m.group(1).lower() if m else None  # type: ignore[return-value]
+
+
 class Match(BaseModel):
     """One rule match as an engine reports it, before it is tied to a session."""
 
@@ -189,9 +205,12 @@ class Violation(BaseModel):
     addresses: list[str] = Field(default_factory=list)
     key: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    action: Action = Field(default="block", description=(
+        "block: this violation denies the batch; log: it is listed and alerted, the batch is allowed"))
 
     @classmethod
-    def from_match(cls, match: Match, session_id: str, policy_sha256: str) -> "Violation":
+    def from_match(cls, match: Match, session_id: str, policy_sha256: str,
+                   action: Action = "block") -> "Violation":
         return cls(
             alert_id=make_alert_id(session_id, policy_sha256, match.key),
             rule_index=match.rule_index,
@@ -200,6 +219,7 @@ class Violation(BaseModel):
             addresses=list(match.addresses),
             key=match.key,
             kwargs=dict(match.kwargs),
+            action=action,
         )
 
 
@@ -216,6 +236,8 @@ class Verdict(BaseModel):
         "violations left out to keep the record small; every one still has its alert"))
     reason: str | None = Field(default=None, description="why, when the deny is not a rule match")
     policy_id: str | None = None
+    policy_version: int | None = Field(default=None, description=(
+        "the registry version that checked the batch (None: a policy from files)"))
     policy_sha256: str | None = None
     engine: str | None = None
     evaluated_at: datetime = Field(default_factory=utcnow)
@@ -235,6 +257,7 @@ class Alert(Violation):
     batch_id: str
     decision: Decision
     policy_id: str | None = None
+    policy_version: int | None = None
     policy_sha256: str | None = None
     raised_at: datetime = Field(default_factory=utcnow)
     source: SourceRef | None = None
@@ -247,6 +270,7 @@ class Alert(Violation):
             batch_id=verdict.batch_id,
             decision=verdict.decision,
             policy_id=verdict.policy_id,
+            policy_version=verdict.policy_version,
             policy_sha256=verdict.policy_sha256,
             raised_at=verdict.evaluated_at,
             source=verdict.source,

@@ -24,6 +24,7 @@ from typing import Any
 
 from monitor import sandbox
 from monitor.errors import EXIT_USAGE, MonitorError
+from monitor.models import Action, parse_action
 
 POLICY_SUFFIXES = (".gr", ".iv", ".policy", ".inv")
 
@@ -44,13 +45,20 @@ class PolicyLoadError(MonitorError, ValueError):
 
 @dataclass
 class LoadedPolicy:
-    """A parsed, validated policy and what identifies it on the wire."""
+    """A parsed, validated policy and what identifies it on the wire.
+
+    ``version`` is the registry's version number (None for a policy from files); ``actions`` the
+    per-rule actions a registry record sets (rule index -> ``block``/``log``), which override the
+    ``[action=...]`` tags of the rules' messages (see :meth:`rule_actions`).
+    """
 
     text: str
     policy_id: str
     sha256: str
     sources: list[str] = field(default_factory=list)
     _local: object | None = field(default=None, repr=False)
+    version: int | None = None
+    actions: dict[int, Action] = field(default_factory=dict)
 
     @property
     def local(self):  # -> invariant.analyzer.policy.LocalPolicy
@@ -65,6 +73,35 @@ class LoadedPolicy:
         from invariant.analyzer.language.ast import RaisePolicy
 
         return [s for s in self.local.policy_root.statements if isinstance(s, RaisePolicy)]
+
+    def rule_actions(self) -> dict[int, Action]:
+        """What each rule's violations do: the record's action for the rule, else the ``[action=...]``
+        tag of its message, else ``block``.
+
+        >>> p = load_policy_text('raise "noisy [action=log]" if:\\n    (m: Message)\\n    "x" in m.content\\n'
+        ...                      'raise "bad" if:\\n    (m: Message)\\n    "y" in m.content\\n')
+        >>> p.rule_actions()
+        {0: 'log', 1: 'block'}
+        """
+        return {i: self.actions.get(i) or parse_action(rule_message(rule)) or "block"
+                for i, rule in enumerate(self.rules)}
+
+
+def rule_message(rule: Any) -> str:
+    """The message a rule (an invariant ``RaisePolicy``) raises, as ``policy explain`` shows it.
+
+    ``raise "bad thing" if: ...`` and ``raise PolicyViolation("bad thing", x=1) if: ...`` both
+    give ``bad thing``; a message that is an expression gives the expression.
+    """
+    from invariant.analyzer.language.ast import StringLiteral
+
+    exc = rule.exception_or_constructor
+    if type(exc) is StringLiteral:
+        return str(exc.value)
+    try:
+        return str(exc.args[0].value)
+    except (AttributeError, IndexError):
+        return str(exc)
 
 
 _LINE = re.compile(r"at line (\d+) col")
