@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
@@ -28,6 +29,7 @@ from pydantic import (
     Tag,
     ValidationInfo,
     field_validator,
+    model_validator,
     with_config,
 )
 from typing_extensions import NotRequired, TypedDict
@@ -277,6 +279,73 @@ class Alert(Violation):
         )
 
 
+POLICY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""A registry policy id: letters, digits, ``.``, ``_``, ``-`` (``@`` and ``#`` separate its record keys)."""
+
+Stage = Literal["active", "shadow"]
+
+
+class PolicyRecord(BaseModel):
+    """One version of a policy, on ``<prefix>.policies`` (compacted; see :mod:`monitor.registry`).
+
+    ``actions`` gives every rule's action by rule index (JSON keys are strings); ``rules`` the
+    rules' messages, for people. ``signature`` is Ed25519 over :meth:`signed_bytes` (every other
+    field), by the key ``key_id`` names.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    policy_id: str = Field(pattern=POLICY_ID_PATTERN)
+    version: int = Field(ge=1, description="monotonic per policy id")
+    stage: Stage = Field(default="active", description="active: serves verdicts; shadow: a candidate")
+    text: str = Field(min_length=1, max_length=1_000_000)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of text (UTF-8)")
+    actions: dict[str, Action] = Field(default_factory=dict, description="rule index -> block or log")
+    rules: list[str] = Field(default_factory=list, description="each rule's message, in rule-index order")
+    author: str = Field(default="", max_length=256)
+    created_at: datetime = Field(default_factory=utcnow)
+    note: str | None = Field(default=None, max_length=1000, description="e.g. rollback to v3")
+    sources: list[str] = Field(default_factory=list, description="the files the text came from")
+    key_id: str | None = Field(default=None, description="the signing key's id (sha256 of its raw bytes, 16 hex)")
+    signature: str | None = Field(default=None, description="Ed25519 over signed_bytes(), base64")
+
+    @field_validator("actions")
+    @classmethod
+    def _rule_indices(cls, actions: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in actions if not k.isdigit()]
+        if bad:
+            raise ValueError(f"action keys are rule indices (0, 1, ...), not {bad[0]!r}")
+        return actions
+
+    @model_validator(mode="after")
+    def _text_matches_sha256(self) -> "PolicyRecord":
+        if hashlib.sha256(self.text.encode()).hexdigest() != self.sha256:
+            raise ValueError("sha256 is not the sha256 of text")
+        return self
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: every field but the signature, as canonical JSON."""
+        data = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def rule_actions(self) -> dict[int, Action]:
+        return {int(k): v for k, v in self.actions.items()}
+
+
+class ShadowVerdict(BaseModel):
+    """A candidate version's verdict beside the active one's, on ``<prefix>.shadow`` (never on the
+    verdicts topic: agents never see it)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    session_id: str
+    batch_id: str
+    policy_id: str
+    candidate: Verdict = Field(description="what the candidate would have answered")
+    active: Verdict = Field(description="what the active version answered (and was published)")
+    differs: bool = Field(description="the decisions, or the rules that matched, differ")
+
+
 DeadLetterKind = Literal["not_json", "invalid", "too_large", "out_of_order", "internal"]
 
 
@@ -307,4 +376,6 @@ WIRE_MODELS: dict[str, type[BaseModel]] = {
     "Verdict": Verdict,
     "Alert": Alert,
     "DeadLetter": DeadLetter,
+    "PolicyRecord": PolicyRecord,
+    "ShadowVerdict": ShadowVerdict,
 }

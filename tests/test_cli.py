@@ -53,7 +53,7 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     (["run", "--policy", "p.gr", "--commit-interval-ms", "0"], "argument --commit-interval-ms: expected a number > 0"),
     (["run", "--policy", "p.gr", "--engine", "fast"], "argument --engine: invalid choice: 'fast'"),
     (["run", "--policy", "p.gr", "-b", "localhost"], "expected HOST:PORT[,HOST:PORT...], got 'localhost'"),
-    (["run"], "the following arguments are required: --policy"),
+    (["run"], "one of the arguments --policy --policy-registry is required"),
     (["tail", "everything"], "argument topic: invalid choice: 'everything'"),
     (["tail", "verdicts", "--max", "0"], "argument --max: expected a whole number >= 1, got 0"),
     (["broker", "restart"], "invalid choice: 'restart'"),
