@@ -234,25 +234,45 @@ class PolicySet:
     ('x', 'x')
     """
 
-    default: LoadedPolicy
+    default: LoadedPolicy | None
     by_id: dict[str, LoadedPolicy] = field(default_factory=dict)
+    # the id whose policy batches without one get, when it is served (a registry worker's
+    # --default-policy; a file set's default is its own policy)
+    default_id: str | None = None
 
     @classmethod
     def single(cls, policy: LoadedPolicy) -> "PolicySet":
         return cls(default=policy, by_id={policy.policy_id: policy})
 
+    @classmethod
+    def empty(cls, default_id: str | None = None) -> "PolicySet":
+        """A set that :meth:`put` fills (a worker following the policy registry)."""
+        return cls(default=None, default_id=default_id)
+
+    def put(self, policy: LoadedPolicy) -> None:
+        """Serve ``policy`` under its id from now on (a new version replaces the one before)."""
+        self.by_id[policy.policy_id] = policy
+        if policy.policy_id == (self.default_id or (self.default.policy_id if self.default else None)):
+            self.default = policy
+
     def resolve(self, policy_id: str | None) -> LoadedPolicy:
         """The policy for a batch; raises KeyError naming the known ids for an unknown one."""
-        if policy_id is None or policy_id == self.default.policy_id:
-            return self.default
+        default = self.default
+        if default is not None and (policy_id is None or policy_id == default.policy_id):
+            return default
         try:
+            if policy_id is None:
+                raise KeyError(policy_id)
             return self.by_id[policy_id]
         except KeyError:
-            known = ", ".join(sorted({self.default.policy_id, *self.by_id})) or "none"
+            known = ", ".join(sorted({p.policy_id for p in self.all()})) or "none"
+            if policy_id is None:
+                raise KeyError(f"the batch names no policy and this worker has no default one (it serves: "
+                               f"{known})") from None
             raise KeyError(f"unknown policy {policy_id!r} (this worker serves: {known})") from None
 
     def all(self) -> list[LoadedPolicy]:
-        seen: dict[str, LoadedPolicy] = {self.default.policy_id: self.default}
+        seen: dict[str, LoadedPolicy] = {self.default.policy_id: self.default} if self.default else {}
         seen.update(self.by_id)
         return list(seen.values())
 
