@@ -281,7 +281,8 @@ def run_worker(settings: WorkerSettings) -> None:
     follower = None
     if policies is None:
         follower = RegistryFollower(settings.bootstrap_servers, settings.topic_prefix, trusted,
-                                    on_refused=metrics.policy_record_refused if metrics else None)
+                                    on_refused=(lambda reason, _why: metrics.policy_record_refused(reason))
+                                    if metrics else None)
         policies = PolicySet.empty(settings.default_policy)
         follower.start()  # (the versions it read are served from the first batch: apply_updates)
     if metrics is not None:
