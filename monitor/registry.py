@@ -307,6 +307,25 @@ def diff_records(a: PolicyRecord, b: PolicyRecord) -> str:
 
 # -- the topic --------------------------------------------------------------------------------------
 
+def _ends(consumer: Any, topic: str, partitions: Iterable[int], deadline: float) -> dict[int, int]:
+    """Each partition's end offset; a topic created a moment ago may have no leader yet: retry."""
+    from confluent_kafka import KafkaException, TopicPartition
+
+    ends: dict[int, int] = {}
+    for p in partitions:
+        while True:
+            try:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                           timeout=max(1.0, deadline - time.monotonic()))
+                ends[p] = high if high > low else 0
+                break
+            except KafkaException as exc:
+                if time.monotonic() >= deadline:
+                    raise RegistryError(f"cannot read the end of {topic}[{p}]: {exc.args[0].str()}") from None
+                time.sleep(0.2)
+    return ends
+
+
 def read_records(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tuple[str, bytes | None]]:
     """Every record of ``topic`` from the beginning to its end as of now, in order."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -320,11 +339,7 @@ def read_records(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tupl
         if meta is None or meta.error is not None or not meta.partitions:
             return []
         deadline = time.monotonic() + timeout
-        ends: dict[int, int] = {}
-        for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-            if high > low:
-                ends[p] = high
+        ends = {p: end for p, end in _ends(consumer, topic, meta.partitions, deadline).items() if end}
         if not ends:
             return []
         consumer.assign([TopicPartition(topic, p, 0) for p in ends])
@@ -493,12 +508,11 @@ class RegistryFollower:
             "bootstrap.servers": self.bootstrap, "group.id": f"agent-monitor-registry-{uuid.uuid4().hex}",
             "enable.auto.commit": False, "auto.offset.reset": "earliest", "fetch.wait.max.ms": 50,
             "topic.metadata.refresh.interval.ms": 5000, "logger": _KAFKA_LOG})
+        deadline = time.monotonic() + timeout
         md = self._consumer.list_topics(self.topic, timeout=timeout)
         parts = list(md.topics[self.topic].partitions) if self.topic in md.topics else [0]
-        ends = {p: self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=timeout)[1]
-                for p in parts}
+        ends = _ends(self._consumer, self.topic, parts, deadline)
         self._consumer.assign([TopicPartition(self.topic, p, 0) for p in parts])
-        deadline = time.monotonic() + timeout
         positions = dict.fromkeys(parts, 0)
         while any(positions[p] < ends[p] for p in parts):
             if time.monotonic() > deadline:
