@@ -190,7 +190,7 @@ class IncrementalEngine(Engine):
         return out
 
     async def check(self, state: SessionState, pending: list[dict[str, Any]],
-                    deadline: float | None = None) -> CheckResult:
+                    deadline: float | None = None, *, _rebuild: bool = False) -> CheckResult:
         """Evaluate ``pending`` after the session's past (see the module docstring).
 
         The check runs inline; ``deadline`` is checked between elements and assignments, so an
@@ -203,36 +203,12 @@ class IncrementalEngine(Engine):
         is caught when it completes. Without raw events the past starts afresh. The rebuild
         counts against ``deadline``.
         """
-        if not self.stale(state):
-            return await self._check(state, pending, deadline)
-        raw = state.raw if state.raw else [e for e in state.log if e.get("t") == "e"]
-        raw = sorted(raw, key=lambda e: e["i"])
-        # every entry of the old state goes; numbering goes on after them
-        fresh = SessionState(engine=self.name, length=raw[0]["i"] if raw else state.length,
-                             head=self._fresh_head(), log_start=state.log_start + len(state.log))
-        if raw:
-            rebuilt = (await self._check(fresh, [e["e"] for e in raw], deadline, rebuild=True)).advance(fresh)
-        else:
-            rebuilt = fresh
-        rebuilt.length = state.length  # events the window no longer held still count in addresses
-        result = await self._check(rebuilt, pending, deadline)
-        # relative to the caller's state: the old entries all go, the rebuilt ones come first
-        return result.model_copy(update={"appended": rebuilt.log + result.appended})
-
-    def stale(self, state: SessionState) -> bool:
-        """Whether ``state`` was written by another policy text (or state layout): its candidates
-        name other rules, so :meth:`check` rebuilds it from raw events."""
-        head = state.head
-        return bool(head) and (head.get("v") != STATE_VERSION or head.get("p") != self._tag)
-
-    async def _check(self, state: SessionState, pending: list[dict[str, Any]], deadline: float | None,
-                     rebuild: bool = False) -> CheckResult:
-        budget = Deadline(deadline)
         head, log = state.head, state.log
         if head.get("v") != STATE_VERSION or head.get("p") != self._tag:
-            # a state of another policy text (hot reload) or version: its candidates name other
-            # rules, so start afresh and let the log's old entries go
-            head, log = self._fresh_head(), []
+            if head and not _rebuild:
+                return await self._check_stale(state, pending, deadline)
+            head, log = self._fresh_head(), []  # a session's first batch (or a rebuild's start)
+        budget = Deadline(deadline)
         length = state.length
         # tool outputs made explicit once: parsing, kept events and call records all read them
         prepared, last_call = prepared_events(pending, head.get("lc"))
@@ -277,7 +253,7 @@ class IncrementalEngine(Engine):
             if rule.never:
                 continue
             rule_matches, new_recs, new_witnesses = await self._match_rule(
-                rule, by_kind, raw_prepared, old, head, index, objects, links, budget, rebuild)
+                rule, by_kind, raw_prepared, old, head, index, objects, links, budget, _rebuild)
             matches.extend(rule_matches)
             tails = head["tail"].get(str(rule.index), {})
             for v, keep in enumerate(rule.keep):
@@ -299,7 +275,7 @@ class IncrementalEngine(Engine):
                         appended.append({"t": "k", **rec})
         log_start = state.log_start + (len(state.log) - len(log))
         if self.fallback:
-            if not rebuild:  # (a rebuild reports no match: the fallback rules have nothing to add)
+            if not _rebuild:  # (a rebuild reports no match: the fallback rules have nothing to add)
                 matches.extend(await self._run_fallback(raw_entries, length, pending, deadline))
             appended.extend({"t": "e", "i": length + k, "e": e} for k, e in enumerate(pending))
             # drop raw events that left the window, keeping the candidates that sat among them
@@ -317,6 +293,29 @@ class IncrementalEngine(Engine):
                     "tail": new_tail}
         return CheckResult(matches=matches, head=new_head, appended=appended, log_start=log_start,
                            pending_len=len(pending), engine=self.name)
+
+    async def _check_stale(self, state: SessionState, pending: list[dict[str, Any]],
+                           deadline: float | None) -> CheckResult:
+        """:meth:`check` on a state another version wrote: rebuilt from raw events first."""
+        raw = state.raw if state.raw else [e for e in state.log if e.get("t") == "e"]
+        raw = sorted(raw, key=lambda e: e["i"])
+        # every entry of the old state goes; numbering goes on after them
+        fresh = SessionState(engine=self.name, length=raw[0]["i"] if raw else state.length,
+                             head=self._fresh_head(), log_start=state.log_start + len(state.log))
+        if raw:
+            rebuilt = (await self.check(fresh, [e["e"] for e in raw], deadline, _rebuild=True)).advance(fresh)
+        else:
+            rebuilt = fresh
+        rebuilt.length = state.length  # events the window no longer held still count in addresses
+        result = await self.check(rebuilt, pending, deadline)
+        # relative to the caller's state: the old entries all go, the rebuilt ones come first
+        return result.model_copy(update={"appended": rebuilt.log + result.appended})
+
+    def stale(self, state: SessionState) -> bool:
+        """Whether ``state`` was written by another policy text (or state layout): its candidates
+        name other rules, so :meth:`check` rebuilds it from raw events."""
+        head = state.head
+        return bool(head) and (head.get("v") != STATE_VERSION or head.get("p") != self._tag)
 
     def close(self) -> None:
         if self._thread:
