@@ -514,6 +514,7 @@ class RegistryFollower:
         ends = _ends(self._consumer, self.topic, parts, deadline)
         self._consumer.assign([TopicPartition(self.topic, p, 0) for p in parts])
         positions = dict.fromkeys(parts, 0)
+        records: list[tuple[bytes | None, bytes | None]] = []
         while any(positions[p] < ends[p] for p in parts):
             if time.monotonic() > deadline:
                 raise RegistryError(f"reading {self.topic} to its end took over {timeout:.0f}s")
@@ -521,7 +522,8 @@ class RegistryFollower:
             if m is None or m.error():
                 continue
             positions[m.partition()] = m.offset() + 1
-            self._take(m.key(), m.value())
+            records.append((m.key(), m.value()))
+        self.take_all(records)
         self._thread = threading.Thread(target=self._follow, name="policy-registry", daemon=True)
         self._thread.start()
 
@@ -558,6 +560,55 @@ class RegistryFollower:
         if self.on_refused is not None:
             self.on_refused(exc.reason, str(exc))
 
+    def take_all(self, records: list[tuple[bytes | None, bytes | None]]) -> None:
+        """The registry as read to its end at start: only the version each policy serves is
+        parsed (parsing takes 100-200 ms, and a registry holds every version ever published): its
+        highest valid active version, falling back to the one before when the sandbox or the
+        parser refuses it, and its candidate if one is newer."""
+        actives: dict[str, dict[int, PolicyRecord]] = {}
+        shadows: dict[str, PolicyRecord | None] = {}
+        for raw_key, value in records:
+            key = raw_key.decode("utf-8", "replace") if raw_key else ""
+            k = Key.parse(key)
+            if value is None:
+                if k.kind == "shadow":
+                    shadows[k.policy_id] = None
+                continue
+            try:
+                record = check_record(key, value, self.trusted)
+            except RecordRefused as exc:
+                self._refuse(exc)
+                continue
+            if record.stage == "active":
+                actives.setdefault(record.policy_id, {})[record.version] = record
+            elif k.kind == "shadow":
+                shadows[record.policy_id] = record
+        for policy_id in sorted(actives):
+            for version in sorted(actives[policy_id], reverse=True):
+                if self._accept(f"{policy_id}@{version}", actives[policy_id][version]):
+                    break
+        for policy_id, candidate in sorted(shadows.items()):
+            active = self.active.get(policy_id)
+            if candidate is not None and (active is None or candidate.version > active.version):
+                self._accept(record_key(policy_id, "shadow"), candidate)
+
+    def _accept(self, key: str, record: PolicyRecord) -> bool:
+        """Parse ``record`` in the sandbox and hand it over; False (refused, counted) if it fails."""
+        try:
+            policy = record_policy(record)
+        except MonitorError as exc:  # PolicyLoadError: refused by the sandbox, or not parsed
+            reason = "unsafe" if "policy sandbox" in str(exc) else "invalid"
+            self._refuse(RecordRefused(reason, f"{key} (version {record.version}): {exc}"))
+            return False
+        if record.stage == "active":
+            self.active[record.policy_id] = record
+            if record.policy_id in self.shadow and self.shadow[record.policy_id].version <= record.version:
+                del self.shadow[record.policy_id]  # the candidate was promoted (or overtaken)
+        else:
+            self.shadow[record.policy_id] = record
+        self._hand_over(PolicyUpdate(record, policy, record.stage))
+        return True
+
     def _take(self, raw_key: bytes | None, value: bytes | None) -> None:
         key = raw_key.decode("utf-8", "replace") if raw_key else ""
         k = Key.parse(key)
@@ -583,21 +634,10 @@ class RegistryFollower:
                 held = self.shadow.get(record.policy_id)
                 if held is not None and held.version == record.version and held.sha256 == record.sha256:
                     return
-            try:
-                policy = record_policy(record)  # the sandbox's import check, then a guarded link
-            except MonitorError as exc:  # PolicyLoadError: refused by the sandbox, or not parsed
-                reason = "unsafe" if "policy sandbox" in str(exc) else "invalid"
-                raise RecordRefused(reason, f"{key} (version {record.version}): {exc}") from None
         except RecordRefused as exc:
             self._refuse(exc)
             return
-        if stage == "active":
-            self.active[record.policy_id] = record
-            if record.policy_id in self.shadow and self.shadow[record.policy_id].version <= record.version:
-                del self.shadow[record.policy_id]  # the candidate was promoted (or overtaken)
-        else:
-            self.shadow[record.policy_id] = record
-        self._hand_over(PolicyUpdate(record, policy, stage))
+        self._accept(key, record)
 
     def _hand_over(self, update: PolicyUpdate) -> None:
         with self._lock:

@@ -54,7 +54,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from monitor.errors import EXIT_FAILED, MonitorError
+from monitor.errors import EXIT_FAILED, EXIT_USAGE, MonitorError
 
 log = logging.getLogger("agent_monitor.sandbox")
 
@@ -116,7 +116,7 @@ _allowed: tuple[str, ...] = ()
 class SandboxConfigError(MonitorError, ValueError):
     """An ``--allow-import`` value that is not a dotted module or name."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 def set_allowed_imports(names: Iterable[str]) -> tuple[str, ...]:

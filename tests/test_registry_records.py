@@ -214,3 +214,21 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(t
 def test_the_module_examples_run(module) -> None:
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_at_start_only_the_version_served_is_parsed_falling_back_past_refused_ones(keys) -> None:
+    private, public, _ = keys
+    unsafe = 'from os import system\nraise "x" if:\n    (m: Message)\n    system("id") == 0\n'
+    good, bad, broken = (sign_record(record(FLOW, version=1), private), sign_record(record(unsafe, version=2), private),
+                         sign_record(record("raise oops\n", version=3), private))
+    cand = sign_record(record(OTHER, version=4, stage="shadow"), private)
+    gone = sign_record(record(OTHER, version=1, policy_id="q", stage="shadow"), private)
+    records = [(k.encode(), r.model_dump_json().encode()) for k, r in (
+        ("p@1", good), ("p", good), ("p@2", bad), ("p", bad), ("p@3", broken), ("p", broken),
+        ("p#shadow", cand), ("q#shadow", gone))] + [(b"q#shadow", None)]
+    f = RegistryFollower("unused:9092", "t", [public])
+    f.take_all(records)
+    got = f.updates()
+    assert [(u.record.policy_id, u.record.version, u.stage) for u in got] == [("p", 1, "active"), ("p", 4, "shadow")]
+    # each refused version once (its two keys are one version), the older good one served
+    assert f.refused == {"invalid": 1, "signature": 0, "unsafe": 1, "stale": 0}
