@@ -23,10 +23,12 @@ from typing import Any
 
 from monitor.argtypes import host_ports, int_at_least, metrics_url, non_negative_float, port, positive_float
 from monitor.api.cli import register_cli as register_serve
-from monitor.cli_options import CliError, bootstrap_of, kafka_args, prefix_of
+from monitor import sandbox, signing
+from monitor.cli_options import CliError, allow_import_arg, bootstrap_of, kafka_args, prefix_of
 from monitor.console import make_console, render_record, render_verdict
 from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MonitorError
 from monitor.policy import parse_policies
+from monitor.registry_cli import register_cli as register_registry
 from monitor.replay.cli import register_cli as register_replay
 from monitor.samples import read_batches
 
@@ -38,24 +40,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     from monitor.config import WorkerSettings
 
     # refuse a bad policy before touching Kafka (the worker loads the full policy set itself)
-    policies = parse_policies(args.policy)
+    sandbox.set_allowed_imports(args.allow_import or [])
+    if args.policy_public_key and not args.policy_registry:
+        raise CliError("--policy-public-key checks policy registry records: use it with --policy-registry")
+    if args.default_policy and not args.policy_registry:
+        raise CliError("--default-policy names a registry policy: use it with --policy-registry")
+    policies = parse_policies(args.policy) if args.policy else []
+    for key in args.policy_public_key or []:
+        signing.load_public_key(key)  # a bad key file stops here, before Kafka
     bootstrap = bootstrap_of(args)
     wait_for_broker(bootstrap, args.connect_timeout)
     fields: dict[str, Any] = {
         "bootstrap_servers": bootstrap, "topic_prefix": prefix_of(args), "policy_path": args.policy,
+        "policy_registry": args.policy_registry, "policy_public_keys": args.policy_public_key or [],
+        "default_policy": args.default_policy,
         "group_id": args.group_id, "engine": args.engine, "partitions": args.partitions,
         "budget_ms": args.budget_ms, "fail_closed": not args.fail_open, "keep_denied": args.keep_denied,
         "metrics_port": args.metrics_port, "guarantee": args.guarantee,
         "commit_interval_ms": args.commit_interval_ms, "worker_id": args.worker_id, "log_level": args.log_level,
         "max_record_bytes": args.max_record_bytes, "create_topics": not args.no_create_topics,
         "max_verdict_violations": args.max_verdict_violations, "verdict_memory": args.verdict_memory,
-        "reference_max_history": args.history,
+        "reference_max_history": args.history, "allow_imports": args.allow_import or [],
     }
     if args.session_ttl is not None:
         fields["session_ttl_s"] = None if args.session_ttl == 0 else args.session_ttl
     settings = WorkerSettings(**{k: v for k, v in fields.items() if v is not None})
-    print(f"agent-monitor: serving {', '.join(p.policy_id for p in policies)} on "
-          f"{settings.topics.events} at {bootstrap} ({settings.engine} engine)", file=sys.stderr)
+    served = ", ".join(p.policy_id for p in policies) or f"the policies of {settings.topics.policies}"
+    print(f"agent-monitor: serving {served} on {settings.topics.events} at {bootstrap} "
+          f"({settings.engine} engine)", file=sys.stderr)
     from monitor.worker import run_worker
 
     # existing topics that contradict the spec end it (TopicProvisioningError: a person decides)
@@ -201,6 +213,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 # -- policy -------------------------------------------------------------------------------------
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
+    sandbox.set_allowed_imports(args.allow_import or [])
     for policy in parse_policies(args.path):
         n = len(policy.rules)
         print(f"{', '.join(policy.sources) or args.path}: ok ({n} rule{'s' if n != 1 else ''}, "
@@ -214,6 +227,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
     from monitor.engine import make_engine
 
+    sandbox.set_allowed_imports(args.allow_import or [])
     console = make_console()
     for policy in parse_policies(args.path):
         engine = make_engine(policy, args.engine)
@@ -282,8 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="run a monitor worker (blocks; stops on SIGTERM/Ctrl-C)",
                        description="Run a monitor worker: consume <prefix>.events, publish verdicts and alerts.")
-    p.add_argument("--policy", required=True, metavar="FILE|DIR",
-                   help="policy file, or a folder (one policy per file, selected by a batch's policy id)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--policy", metavar="FILE|DIR",
+                        help="policy file, or a folder (one policy per file, selected by a batch's policy id)")
+    source.add_argument("--policy-registry", action="store_true",
+                        help="serve the policies of <prefix>.policies: read from the beginning, then "
+                             "followed (a new version serves from the next batch, no restart)")
+    p.add_argument("--policy-public-key", action="append", metavar="FILE",
+                   help="with --policy-registry: take only records signed by this Ed25519 key (PEM; "
+                        "repeatable, for key rotation); others are refused, logged and counted")
+    p.add_argument("--default-policy", metavar="ID",
+                   help="with --policy-registry: the policy of batches that name none (default: none, "
+                        "such batches are denied)")
     kafka_args(p)
     p.add_argument("--group-id", help="consumer group (default <prefix>-monitor)")
     p.add_argument("--engine", choices=["incremental", "reference"], default="incremental")
@@ -302,7 +326,9 @@ def _add_run(sub: Any) -> None:
                    help="recent batches per session whose verdict a redelivery repeats (default 64)")
     p.add_argument("--history", type=int_at_least(1), metavar="EVENTS",
                    help="events of the past the reference engine (and rules the incremental engine cannot "
-                        "compile) see (default 2000)")
+                        "compile) see; with --policy-registry also the events each session keeps so that a "
+                        "new policy version rebuilds its past (default 2000)")
+    allow_import_arg(p)
     p.add_argument("--metrics-port", type=port, metavar="PORT", help="serve Prometheus /metrics on this port")
     p.add_argument("--guarantee", choices=["at-least-once", "exactly-once"],
                    help="at-least-once (default): a verdict goes out as soon as it is decided, a crash "
@@ -378,16 +404,19 @@ def _add_broker(sub: Any) -> None:
 
 
 def _add_policy(sub: Any) -> None:
-    po = sub.add_parser("policy", help="check a policy or explain how its rules are evaluated")
+    po = sub.add_parser("policy", help="check and explain policies; publish and manage them in the registry")
     posub = po.add_subparsers(dest="action", required=True, metavar="ACTION")
     pc = posub.add_parser("check", help="parse a policy file or folder and report")
     pc.add_argument("path", metavar="FILE|DIR")
+    allow_import_arg(pc)
     pc.set_defaults(func=cmd_policy_check)
     pe = posub.add_parser("explain", help="per rule: which engine evaluates it and why")
     pe.add_argument("path", metavar="FILE|DIR")
     pe.add_argument("--engine", choices=["incremental", "reference"], default="incremental")
     pe.add_argument("--json", action="store_true")
+    allow_import_arg(pe)
     pe.set_defaults(func=cmd_policy_explain)
+    register_registry(posub)  # publish, list, show, history, rollback, diff, promote, keygen, shadow-report
 
 
 def _add_demo(sub: Any) -> None:

@@ -55,6 +55,15 @@ def kafka_args(p: argparse.ArgumentParser) -> None:
                    help="seconds to wait for the broker to answer (default 10)")
 
 
+def allow_import_arg(p: argparse.ArgumentParser) -> None:
+    """``--allow-import NAME`` (repeatable): what the policy sandbox allows beyond invariant's
+    builtins and detectors (see :mod:`monitor.sandbox`)."""
+    p.add_argument("--allow-import", action="append", metavar="NAME",
+                   help="let policies import this module (re), or one name of a module "
+                        "(invariant.detectors.prompt_injection); repeatable. Without it a policy may "
+                        "import only invariant's builtins and offline detectors")
+
+
 def bootstrap_of(args: argparse.Namespace) -> str:
     return args.bootstrap_servers or default_bootstrap()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_PREFIX = "agent"
@@ -34,6 +34,8 @@ class TopicNames(BaseModel):
     alerts: str
     deadletter: str
     state: str = Field(description="the worker's compacted state changelog")
+    policies: str = Field(description="the policy registry (compacted)")
+    shadow: str = Field(description="shadow verdicts of candidate policy versions")
 
     @classmethod
     def for_prefix(cls, prefix: str = DEFAULT_PREFIX) -> "TopicNames":
@@ -44,6 +46,8 @@ class TopicNames(BaseModel):
             alerts=f"{prefix}.alerts",
             deadletter=f"{prefix}.deadletter",
             state=f"{prefix}.monitor-state-changelog",
+            policies=f"{prefix}.policies",
+            shadow=f"{prefix}.shadow",
         )
 
 
@@ -53,7 +57,14 @@ class WorkerSettings(BaseModel):
     bootstrap_servers: str = Field(default_factory=env_bootstrap)
     topic_prefix: str = Field(default_factory=lambda: os.environ.get("AGENT_MONITOR_PREFIX", DEFAULT_PREFIX))
     group_id: str | None = Field(default=None, description="consumer group; default <prefix>-monitor")
-    policy_path: str
+    policy_path: str | None = Field(default=None, description=(
+        "a policy file or folder; or none, with policy_registry"))
+    policy_registry: bool = Field(default=False, description=(
+        "serve the policies of <prefix>.policies, following new versions as they are published"))
+    policy_public_keys: list[str] = Field(default_factory=list, description=(
+        "PEM files of the Ed25519 keys registry records must be signed with (none: unsigned records are taken)"))
+    default_policy: str | None = Field(default=None, description=(
+        "with policy_registry: the policy id of batches that name none"))
     engine: Literal["incremental", "reference"] = "incremental"
     partitions: int = Field(default=12, ge=1, description="partitions of the events topic")
     budget_ms: float | None = Field(default=5000.0, gt=0,
@@ -65,6 +76,8 @@ class WorkerSettings(BaseModel):
     max_verdict_violations: int = Field(default=200, ge=1, description=(
         "violations listed in one verdict; the rest are counted (alerts carry every one)"))
     reference_max_history: int = Field(default=2000, ge=1)
+    allow_imports: list[str] = Field(default_factory=list, description=(
+        "modules or names policies may import beyond invariant's builtins and detectors (the sandbox)"))
     guarantee: Literal["at-least-once", "exactly-once"] = Field(default="at-least-once", description=(
         "at-least-once: verdicts go out at once, a crash may repeat one; exactly-once: verdicts, "
         "alerts, state and offsets commit in one Kafka transaction"))
@@ -76,6 +89,14 @@ class WorkerSettings(BaseModel):
     worker_id: str | None = None
     create_topics: bool = Field(default=True, description="provision missing topics at start")
     log_level: str = "warning"
+
+    @model_validator(mode="after")
+    def _one_policy_source(self) -> "WorkerSettings":
+        if (self.policy_path is None) == (not self.policy_registry):
+            raise ValueError("give exactly one of policy_path (files) and policy_registry")
+        if self.policy_public_keys and not self.policy_registry:
+            raise ValueError("policy_public_keys checks registry records: it needs policy_registry")
+        return self
 
     @property
     def topics(self) -> TopicNames:

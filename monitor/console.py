@@ -45,9 +45,13 @@ def render_verdict(verdict: Verdict, problem: str | None = None, expected: bool 
     t.append(verdict.session_id, style="bold")
     t.append(f"  #{verdict.batch_id}  ")
     t.append(verdict.decision.upper(), style=DECISION_STYLE.get(verdict.decision, ""))
+    if verdict.policy_version is not None:
+        t.append(f"  {verdict.policy_id} v{verdict.policy_version}", style="dim")
     for v in verdict.violations:
         t.append("\n    ")
         t.append(f"[{v.severity}] ", style=SEVERITY_STYLE.get(v.severity, ""))
+        if v.action == "log":
+            t.append("logged ", style="yellow")  # the rule's action: listed, not blocking
         t.append(v.message)
         if v.addresses:
             t.append(f"  @ {', '.join(v.addresses)}", style="dim")

@@ -42,10 +42,11 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import from_json
 
+from monitor import sandbox
 from monitor.config import WorkerSettings
-from monitor.engine import BudgetExceeded, Engine, EngineError, make_engine
+from monitor.engine import BudgetExceeded, CheckResult, Engine, EngineError, SessionState, make_engine
 from monitor.errors import MonitorError
-from monitor.models import Alert, DeadLetter, EventBatch, SourceRef, Verdict, Violation
+from monitor.models import Action, Alert, DeadLetter, EventBatch, ShadowVerdict, SourceRef, Verdict, Violation
 from monitor.policy import LoadedPolicy, PolicySet
 from monitor.state import SessionHead, SessionStore, StateCorrupted
 
@@ -218,6 +219,7 @@ class Outcome:
     dead_letter: DeadLetter | None = None
     events: int = 0  # events in the batch (0 for a refused record)
     ended: bool = False  # an end_session batch: the session's state is gone
+    shadow: ShadowVerdict | None = None  # a shadow candidate's verdict beside this one
 
     def alerts(self) -> list[Alert]:
         """The alerts to publish: one per violation. A repeated verdict sends its alerts again
@@ -237,20 +239,73 @@ def _repeat(known: bytes | dict[str, Any], events: int) -> Outcome:
     return Outcome(Verdict.model_validate(known), new=False, events=events)
 
 
+SHADOW_CURSOR = "#shadow"
+"""A shadow candidate's state sits in the session head under ``<policy id>#shadow``."""
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A shadow candidate: a policy version checked beside the active one, its verdicts never
+    published to agents."""
+
+    policy: LoadedPolicy
+    engine: Engine
+    actions: dict[int, Action]
+
+
+def _violated(verdict: Verdict) -> list[tuple[str, str]]:
+    return sorted({(v.message, v.action) for v in verdict.violations})
+
+
 class BatchEvaluator:
     """Decides each batch's verdict against a session store; free of Kafka.
 
-    ``settings`` gives the budget, fail-closed, keep-denied, record size and verdict caps.
+    ``settings`` gives the budget, fail-closed, keep-denied, record size and verdict caps. A
+    worker that follows the policy registry (``settings.policy_registry``) swaps versions in with
+    :meth:`install` and shadow candidates with :meth:`install_shadow` between batches, and keeps
+    each session's last ``reference_max_history`` raw events in its state (written once per event,
+    read only when a new version first meets the session), from which that version rebuilds the
+    session's past.
     """
 
     def __init__(self, policies: PolicySet, settings: WorkerSettings) -> None:
         self.policies = policies
         self.settings = settings
         # the reference engine's window, and the incremental engine's for rules it cannot compile
-        self.engines: dict[str, Engine] = {
-            p.policy_id: make_engine(p, settings.engine, max_history=settings.reference_max_history)
-            for p in policies.all()
-        }
+        self.engines: dict[str, Engine] = {p.policy_id: self._engine(p) for p in policies.all()}
+        # per policy id: what each rule's violations do (block or log)
+        self.actions: dict[str, dict[int, Action]] = {p.policy_id: p.rule_actions() for p in policies.all()}
+        self.shadows: dict[str, Candidate] = {}
+
+    def _engine(self, policy: LoadedPolicy) -> Engine:
+        return make_engine(policy, self.settings.engine, max_history=self.settings.reference_max_history)
+
+    def install(self, policy: LoadedPolicy) -> None:
+        """Serve ``policy`` (a new version of its id, or a new id) from the next batch on; call it
+        between batches. A session's past carries over (see the class docstring)."""
+        old = self.engines.get(policy.policy_id)
+        self.engines[policy.policy_id] = self._engine(policy)
+        self.actions[policy.policy_id] = policy.rule_actions()
+        self.policies.put(policy)
+        if old is not None:
+            old.close()
+        candidate = self.shadows.get(policy.policy_id)
+        if candidate is not None and (candidate.policy.version or 0) <= (policy.version or 0):
+            self.withdraw_shadow(policy.policy_id)  # promoted, or overtaken by a newer version
+
+    def install_shadow(self, policy: LoadedPolicy) -> None:
+        """Check ``policy`` beside the active version of its id from the next batch on: its verdicts
+        go to :attr:`Outcome.shadow` only."""
+        old = self.shadows.get(policy.policy_id)
+        self.shadows[policy.policy_id] = Candidate(policy, self._engine(policy), policy.rule_actions())
+        if old is not None:
+            old.engine.close()
+
+    def withdraw_shadow(self, policy_id: str) -> None:
+        """Stop the candidate of ``policy_id`` (its session states are dropped as sessions go on)."""
+        old = self.shadows.pop(policy_id, None)
+        if old is not None:
+            old.engine.close()
 
     def engine_names(self) -> str:
         return ",".join(sorted({e.name for e in self.engines.values()}))
@@ -327,7 +382,8 @@ class BatchEvaluator:
             verdict = Verdict(decision="deny", reason=str(exc.args[0]), policy_id=batch.policy, **fields)
             return self._remember(store, head, verdict, events=n)
         engine = self.engines[policy.policy_id]
-        fields.update(policy_id=policy.policy_id, policy_sha256=policy.sha256, engine=engine.name)
+        fields.update(policy_id=policy.policy_id, policy_version=policy.version, policy_sha256=policy.sha256,
+                      engine=engine.name)
 
         if batch.seq is not None and head.last_seq is not None and batch.seq <= head.last_seq:
             verdict = Verdict(decision="deny", reason=(
@@ -336,43 +392,104 @@ class BatchEvaluator:
             # a stale seq does not move the session's last seq
             return self._remember(store, head, verdict, seq=None, events=n)
 
-        result = None
-        reason = None
-        budget = self.settings.budget_ms
-        try:
-            state = store.engine_state(head, policy.policy_id, engine.name, batch.session_id)
-            deadline = None if budget is None else started + budget / 1000.0
-            result = await engine.check(state, batch.trace(), deadline=deadline)
-        except StateCorrupted as exc:
-            log.error("%s", exc)
-            reason = f"the session's stored state is damaged: {exc}"
-        except BudgetExceeded:
-            reason = f"{BUDGET_REASON} of {budget:g} ms"
-        except EngineError as exc:
-            reason = f"{ERROR_REASON}: {exc}"
-        except Exception as exc:  # noqa: BLE001 - any failure of a check fails closed
-            log.exception("policy check failed")
-            reason = f"{FAILED_REASON}: {type(exc).__name__}: {exc}"
-        eval_ms = (time.perf_counter() - started) * 1000.0
-
-        if result is None:
-            decision = "deny" if self.settings.fail_closed else "allow"
-            verdict = Verdict(decision=decision, reason=reason, eval_ms=eval_ms, **fields)
-            return self._remember(store, head, verdict, events=n)
-
-        violations = [Violation.from_match(m, batch.session_id, policy.sha256) for m in result.matches]
+        state, reason = self._state(store, head, policy.policy_id, engine, batch.session_id, policy.policy_id)
+        result, reason = await self._check(engine, state, batch, started) if state is not None else (None, reason)
+        verdict, violations = self._decide(self.actions[policy.policy_id], policy, result, reason,
+                                           (time.perf_counter() - started) * 1000.0, fields)
+        joins = result is not None and joins_past(verdict, self.settings.keep_denied)
+        shadow, more = None, ()
+        candidate = self.shadows.get(policy.policy_id)
+        if candidate is not None:
+            shadow, more = await self._shadow(candidate, store, head, batch, verdict, fields)
         cap = self.settings.max_verdict_violations
-        verdict = Verdict(decision="deny" if violations else "allow", violations=violations[:cap],
-                          eval_ms=eval_ms, violations_omitted=max(0, len(violations) - cap), **fields)
-        joins = joins_past(verdict, self.settings.keep_denied)
         out = self._remember(
             store, head, verdict, events=n,
             policy_id=policy.policy_id if joins else None,
-            new_state=result.advance(state) if joins else None,
-            appended=result.appended if joins else None,
+            new_state=result.advance(state) if joins else None,  # type: ignore[union-attr]
+            appended=result.appended if joins else None,  # type: ignore[union-attr]
+            more=more, forget=self._gone_candidates(head),
+            raw=batch.trace() if joins and self.settings.policy_registry and not engine.state_is_raw else None,
+            history=self.settings.reference_max_history,
         )
-        out.omitted, out.joined = tuple(violations[cap:]), joins
+        out.omitted, out.joined, out.shadow = tuple(violations[cap:]), joins, shadow
         return out
+
+    def _state(self, store: SessionStore, head: SessionHead, key: str, engine: Engine, session_id: str,
+               policy_id: str) -> tuple[SessionState | None, str | None]:
+        """The engine's state of the session (under ``key``); a stale one (another version wrote
+        it) comes with the raw events the session keeps for ``policy_id``, to rebuild it."""
+        try:
+            state = store.engine_state(head, key, engine.name, session_id)
+            if self.settings.policy_registry and engine.stale(state):
+                state.raw = store.raw_events(head, policy_id, session_id)
+            return state, None
+        except StateCorrupted as exc:
+            log.error("%s", exc)
+            return None, f"the session's stored state is damaged: {exc}"
+
+    async def _check(self, engine: Engine, state: SessionState, batch: EventBatch,
+                     started: float) -> tuple[CheckResult | None, str | None]:
+        """The engine's result within the time budget, in the sandbox; or None and why not."""
+        budget = self.settings.budget_ms
+        try:
+            deadline = None if budget is None else started + budget / 1000.0
+            with sandbox.guarded():  # no network, process or file write while policy code runs
+                return await engine.check(state, batch.trace(), deadline=deadline), None
+        except BudgetExceeded:
+            return None, f"{BUDGET_REASON} of {budget:g} ms"
+        except EngineError as exc:
+            return None, f"{ERROR_REASON}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any failure of a check fails closed
+            log.exception("policy check failed")
+            return None, f"{FAILED_REASON}: {type(exc).__name__}: {exc}"
+
+    def _decide(self, actions: dict[int, Action], policy: LoadedPolicy, result: CheckResult | None,
+                reason: str | None, eval_ms: float, fields: dict[str, Any]) -> tuple[Verdict, list[Violation]]:
+        """The verdict of a check: deny iff a violation blocks (a logged one is listed and alerted
+        only); a failed check is decided by fail-closed. Also every violation, past the cap too."""
+        if result is None:
+            decision = "deny" if self.settings.fail_closed else "allow"
+            return Verdict(decision=decision, reason=reason, eval_ms=eval_ms, **fields), []
+        sid = fields["session_id"]
+        violations = [Violation.from_match(m, sid, policy.sha256, actions.get(m.rule_index, "block"))
+                      for m in result.matches]
+        cap = self.settings.max_verdict_violations
+        blocked = any(v.action == "block" for v in violations)
+        return Verdict(decision="deny" if blocked else "allow", violations=violations[:cap], eval_ms=eval_ms,
+                       violations_omitted=max(0, len(violations) - cap), **fields), violations
+
+    async def _shadow(self, candidate: Candidate, store: SessionStore, head: SessionHead, batch: EventBatch,
+                      active: Verdict, fields: dict[str, Any]) -> tuple[ShadowVerdict, tuple]:
+        """The candidate's verdict on this batch, beside the active one, and its session state to
+        commit. The candidate keeps a past of its own (the batches it would have let through); in
+        a session it meets for the first time it starts from the active version's past."""
+        started = time.perf_counter()
+        policy, engine = candidate.policy, candidate.engine
+        key = policy.policy_id + SHADOW_CURSOR
+        seeded = key not in head.policies
+        state, reason = self._state(store, head, policy.policy_id if seeded else key, engine, batch.session_id,
+                                    policy.policy_id)
+        result, reason = await self._check(engine, state, batch, started) if state is not None else (None, reason)
+        mine = {**fields, "policy_version": policy.version, "policy_sha256": policy.sha256, "engine": engine.name}
+        verdict, _ = self._decide(candidate.actions, policy, result, reason,
+                                  (time.perf_counter() - started) * 1000.0, mine)
+        more: tuple = ()
+        if result is not None and state is not None and joins_past(verdict, self.settings.keep_denied):
+            new = result.advance(state)
+            more = ((key, new, new.log if seeded else result.appended),)
+        elif seeded and state is not None:
+            more = ((key, state, state.log),)  # its own past from here on, without this batch
+        differs = (verdict.decision != active.decision or _violated(verdict) != _violated(active)
+                   or (verdict.reason is None) != (active.reason is None))
+        return ShadowVerdict(session_id=batch.session_id, batch_id=batch.batch_id, policy_id=policy.policy_id,
+                             candidate=verdict, active=active, differs=differs), more
+
+    def _gone_candidates(self, head: SessionHead) -> tuple[str, ...]:
+        """Candidate states in a session head whose candidate is no longer checked."""
+        if len(head.policies) < 2:
+            return ()
+        return tuple(k for k in head.policies
+                     if k.endswith(SHADOW_CURSOR) and k[: -len(SHADOW_CURSOR)] not in self.shadows)
 
     @staticmethod
     def _remember(store: SessionStore, head: SessionHead, verdict: Verdict, seq: int | None = _SAME,

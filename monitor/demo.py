@@ -3,12 +3,16 @@
 1. a Kafka broker: ``--bootstrap-servers``, else ``KAFKA_BOOTSTRAP_SERVERS``, else the broker of
    ``agent-monitor broker start`` if it runs, else a local single-node broker started from Kafka's
    jars (fetched once by Maven);
-2. topics under a fresh ``demo-...`` prefix;
-3. a worker subprocess (:class:`~monitor.worker_process.WorkerProcess` serving
-   ``examples/policies``), awaited until it prints ``agent-monitor worker ready``;
+2. topics under a fresh ``demo-...`` prefix; ``examples/policies`` published to the policy registry
+   (``<prefix>.policies``), signed with a key pair made for the demo;
+3. a worker subprocess (:class:`~monitor.worker_process.WorkerProcess` following the registry and
+   taking only records signed by that key), awaited until it prints ``agent-monitor worker ready``;
 4. every sample session (``examples/sessions``) played batch by batch with
    :meth:`MonitorClient.check_batch`, verdicts and alerts shown as they arrive;
-5. a summary (expected vs actual per session, totals, alerts, latency p50/p95); worker and broker
+5. a live update: a flow begins under version 1 of ``send_after_keyword``, version 2 (the rule's
+   action ``log``) is published while the worker runs, and the flow's end is caught by version 2
+   (allowed and logged); a rollback to version 1 denies the same flow again. No restart;
+6. a summary (expected vs actual per session, totals, alerts, latency p50/p95); worker and broker
    stopped. The exit code is 0 only if every verdict met its expectation.
 
 Example (starts a broker and a worker; about a minute)::
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from monitor.client import MonitorClient
+    from monitor.registry import Registry
 
 EXAMPLES = REPO / "examples"
 DEMO_PARTITIONS = 6
@@ -126,13 +131,15 @@ def run_demo(policy: str | None = None, sessions: str | None = None, keep: bool 
         prefix = f"demo-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
         created = create_topics(bootstrap, prefix, partitions_override=DEMO_PARTITIONS)
         console.print(f"broker [bold]{bootstrap}[/], topics: {', '.join(r.name for r in created)}")
-        worker = _start_worker(policy_path, bootstrap, prefix, engine, served, keep, console)
+        registry, public_key = _publish(policy_path, bootstrap, prefix, console)
+        worker = _start_worker(policy_path, bootstrap, prefix, engine, served, keep, console, public_key)
         t_start = time.monotonic()
         worker.wait_ready(ready_timeout)
         console.print(f"[green]{worker.ready_line}[/] [dim]after {time.monotonic() - t_start:.1f} s[/]\n")
         alerts = _AlertReader(bootstrap, prefix, console)
         with MonitorClient(bootstrap, prefix) as client:
             results = [r for sample in playable for r in _play(client, sample, timeout, console)]
+            results += _live_update(client, registry, playable, timeout, console)
         # alerts trail their verdicts by a moment: wait (bounded) for all the verdicts announced
         want_alerts = sum(len(r.verdict.violations) for r in results if r.verdict)
         alerts.wait_for(want_alerts, 15)
@@ -166,17 +173,105 @@ def _playable(samples: list[SampleSession], served: set[str], policy_path: Path,
     return playable
 
 
+def _publish(policy_path: Path, bootstrap: str, prefix: str, console: Console) -> tuple[Registry, Path]:
+    """Every policy of ``policy_path`` published to the registry (one per file, a folder's files
+    combined under the folder's name, as a worker serving the folder would), signed with a key pair
+    made for the demo; returns the registry (with the key) and the public key's path."""
+    from monitor import signing
+    from monitor.policy import policy_files
+    from monitor.registry import Registry, prepare_record
+
+    keys = Path(tempfile.mkdtemp(prefix="agent-monitor-demo-keys-"))
+    private, public, kid = signing.write_keypair(keys / "demo")
+    registry = Registry(bootstrap, prefix, signing_key=signing.load_private_key(private))
+    sources = [(f, f.stem) for f in policy_files(policy_path)]
+    if policy_path.is_dir():
+        sources.append((policy_path, policy_path.name))
+    for path, policy_id in sources:
+        registry.publish(prepare_record(path, policy_id, author="demo"))
+    console.print(f"published {len(sources)} policies to {registry.topic}, signed by key {kid}")
+    return registry, public
+
+
 def _start_worker(policy_path: Path, bootstrap: str, prefix: str, engine: str, served: set[str], keep: bool,
-                  console: Console) -> WorkerProcess:
-    """A worker serving ``policy_path`` on the demo's topics, started (not yet ready)."""
+                  console: Console, public_key: Path) -> WorkerProcess:
+    """A worker following the demo's policy registry (signed records only), started (not yet ready)."""
     data_dir = Path(tempfile.mkdtemp(prefix="agent-monitor-demo-"))
     settings = WorkerSettings.model_validate({
-        "bootstrap_servers": bootstrap, "topic_prefix": prefix, "policy_path": str(policy_path),
+        "bootstrap_servers": bootstrap, "topic_prefix": prefix, "policy_registry": True,
+        "policy_public_keys": [str(public_key)], "default_policy": policy_path.stem,
         "engine": engine, "partitions": DEMO_PARTITIONS, "worker_id": "demo", "log_level": "warning"})
     worker = WorkerProcess(settings, log_path=data_dir / "worker.log").start(new_session=keep)
     console.print(f"worker starting (pid {worker.proc.pid if worker.proc else '?'}, "
-                  f"{engine} engine, policies: {', '.join(sorted(served))}) ...")
+                  f"{engine} engine, policies from the registry: {', '.join(sorted(served))}) ...")
     return worker
+
+
+LIVE_POLICY = "send_after_keyword"
+LIVE_SAMPLE = "flow_send_email_split"
+
+
+def _live_update(client: MonitorClient, registry: Registry, samples: list[SampleSession], timeout: float,
+                 console: Console) -> list[PlayedBatch]:
+    """A policy update while the worker runs (see the module docstring, step 5); the batches played,
+    with what each must get."""
+    from monitor.registry import prepare_record
+
+    sample = next((s for s in samples if s.name == LIVE_SAMPLE and s.policy == LIVE_POLICY), None)
+    active = registry.read().active(LIVE_POLICY)
+    if sample is None or active is None or len(sample.batches) != 2:
+        console.print(f"[yellow]no live update: it needs policy {LIVE_POLICY} and the sample {LIVE_SAMPLE}[/]")
+        return []
+    rule = active.rules[0]
+    console.rule(f"[bold]live update[/]  policy [cyan]{LIVE_POLICY}[/] v{active.version} -> v{active.version + 1} "
+                 "(its rule tagged \\[action=log]), the worker keeps running", align="left")
+    first, second = sample.event_batches(f"{sample.session_id}-live")
+    results = [_check(client, sample, first, sample.expect[0], timeout, console)]
+    # version 2: the same rule, its message tagged [action=log] (another text: another sha256)
+    logged = f"{rule} [action=log]"
+    path = Path(tempfile.mkdtemp(prefix="agent-monitor-demo-v2-")) / f"{LIVE_POLICY}.gr"
+    path.write_text(active.text.replace(f'"{rule}"', f'"{logged}"', 1))
+    t0 = time.monotonic()
+    v2 = registry.publish(prepare_record(path, LIVE_POLICY, author="demo", note="the demo's live update"))
+    took = _wait_serving(client, v2.version, timeout)
+    console.print(f"published v{v2.version} (sha256 {v2.sha256[:12]}, rule 0: {v2.actions.get('0')}); the worker "
+                  f"served it [bold]{took:.2f} s[/] after the publish returned ({time.monotonic() - t0:.2f} s "
+                  "with the publish itself)")
+    # the flow began under v1; v2 rebuilt the session's past from its kept events and catches the end
+    results.append(_check(client, sample, second, Expectation(decision="allow", violations=[logged]),
+                          timeout, console))
+    v3 = registry.rollback(LIVE_POLICY, to=active.version, author="demo")
+    took = _wait_serving(client, v3.version, timeout)
+    console.print(f"rolled back: v{v3.version} = v{active.version}'s text and actions, served after {took:.2f} s")
+    first, second = sample.event_batches(f"{sample.session_id}-rollback")
+    results += [_check(client, sample, first, sample.expect[0], timeout, console),
+                _check(client, sample, second, sample.expect[1], timeout, console)]
+    return results
+
+
+def _wait_serving(client: MonitorClient, version: int, timeout: float) -> float:
+    """Seconds until a probe batch is checked by ``version`` of the live policy."""
+    t0 = time.monotonic()
+    while True:
+        probe = client.check(f"demo-probe-{uuid.uuid4().hex[:8]}", [{"role": "user", "content": "probe"}],
+                             policy=LIVE_POLICY, timeout=timeout)
+        if probe.policy_version == version:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"version {version} of {LIVE_POLICY} was not served within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _check(client: MonitorClient, sample: SampleSession, batch: Any, want: Expectation, timeout: float,
+           console: Console) -> PlayedBatch:
+    r = PlayedBatch(sample=f"{sample.name} (live update)", session_id=batch.session_id, batch_id=batch.batch_id,
+                    expected=want)
+    t0 = time.perf_counter()
+    r.verdict = client.check_batch(batch, timeout=timeout)
+    r.latency_ms = (time.perf_counter() - t0) * 1000
+    r.problem = want.matches_verdict(r.verdict)
+    console.print(render_verdict(r.verdict, r.problem, expected=True, latency_ms=r.latency_ms))
+    return r
 
 
 class _AlertReader:
@@ -242,7 +337,8 @@ def _leave_or_stop(worker: WorkerProcess, keep: bool, bootstrap: str, prefix: st
         console.print(f"\nworker left running: pid {worker.proc.pid} (stop: kill {worker.proc.pid}; "
                       f"log {worker.log_path}); try:\n  agent-monitor produce "
                       f"examples/sessions/flow_send_email.json --wait --bootstrap-servers {bootstrap} "
-                      f"--prefix {prefix}")
+                      f"--prefix {prefix}\n  agent-monitor policy history {LIVE_POLICY} --bootstrap-servers "
+                      f"{bootstrap} --prefix {prefix}   (publishing needs the demo's key, printed above)")
         return
     code = worker.stop()
     if code not in (0, -signal.SIGTERM, None):
@@ -268,6 +364,12 @@ def _summary(console: Console, samples: list[SampleSession], results: list[Playe
         table.add_row(escape(s.name), escape(s.policy), " ".join(word(e.decision) for e in s.expect),
                       " ".join(word(r.verdict.decision if r.verdict else None) for r in rs),
                       "[green]✓[/]" if ok else "[bold red]✗[/]")
+    live = [r for r in results if r.sample.endswith("(live update)")]
+    if live:
+        versions = " ".join(f"v{r.verdict.policy_version}" if r.verdict else "?" for r in live)
+        table.add_row("live update (" + versions + ")", LIVE_POLICY, " ".join(word(r.expected.decision) for r in live),
+                      " ".join(word(r.verdict.decision if r.verdict else None) for r in live),
+                      "[green]✓[/]" if all(r.problem is None for r in live) else "[bold red]✗[/]")
     console.print()
     console.print(table)
     verdicts = [r.verdict for r in results if r.verdict]

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+from monitor import sandbox
 from monitor.errors import MonitorError
 
 import asyncio
@@ -144,7 +145,9 @@ class OfflineSemgrep:
 
     async def _scan(self, code: str, lang: str, rules: Path) -> list[tuple[str, str]]:
         binary = semgrep_binary()
-        with tempfile.TemporaryDirectory(prefix="agent-monitor-semgrep-") as tmp:
+        # the scan writes a temporary file and runs semgrep: the project's own code, which the
+        # policy sandbox lets do that while a policy runs (a policy cannot reach sandbox.trusted)
+        with sandbox.trusted(), tempfile.TemporaryDirectory(prefix="agent-monitor-semgrep-") as tmp:
             target = Path(tmp) / f"code{SUFFIXES[lang]}"
             target.write_text(code)
             report = None
@@ -236,7 +239,9 @@ class OfflinePII:
         self.model: str | None = None
 
     def analyzer(self) -> Any:
-        with self._lock:
+        # loading spaCy and presidio (native libraries, their own caches) is the project's code,
+        # which the policy sandbox lets run even when a policy's first pii() call triggers it
+        with self._lock, sandbox.trusted():
             if self._analyzer is None:
                 try:
                     import spacy

@@ -52,6 +52,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 from monitor.models import Alert, DeadLetterKind, Verdict, Violation
+from monitor.registry import REFUSAL_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
                                                   "every second): it stops when the loop is stuck"),
     "agent_monitor_policy_info": ("gauge", ("policy_id", "version", "policy_sha256"), "The active version of "
                                   "each policy served (value 1)"),
+    "agent_monitor_policy_records_refused_total": ("counter", ("reason",), "Policy registry records this worker "
+                                                   "refused (the version in service stays), by reason"),
     "agent_monitor_worker_info": ("gauge", ("worker_id", "engine", "guarantee", "version"), "This worker "
                                   "(value 1)"),
 }
@@ -169,6 +172,7 @@ class WorkerMetrics:
         self.verdicts: dict[str, int] = {"allow": 0, "deny": 0}
         self.dead_letters: dict[str, int] = dict.fromkeys(get_args(DeadLetterKind), 0)
         self.policy_failures: dict[str, int] = dict.fromkeys(POLICY_FAILURE_KINDS, 0)
+        self.records_refused: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
         self.violations: dict[tuple[str, str], int] = {}
         self.alerts: dict[tuple[str, str], int] = {}
         self.check_seconds: dict[str, Buckets] = {}
@@ -238,6 +242,12 @@ class WorkerMetrics:
         if kind not in POLICY_FAILURE_KINDS:
             raise ValueError(f"policy failure kind must be one of {POLICY_FAILURE_KINDS}, got {kind!r}")
         self.policy_failures[kind] += 1
+
+    def policy_record_refused(self, reason: str) -> None:
+        """A policy registry record was refused (``invalid``, ``signature``, ``unsafe``, ``stale``);
+        called from the registry follower's thread."""
+        with self._rules_lock:
+            self.records_refused[reason] = self.records_refused.get(reason, 0) + 1
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -341,7 +351,8 @@ class _Collector:
             for (rule, severity), n in sorted(dict(counts).items()):
                 f.add_metric([rule, severity], n)
         for name, counts in (("agent_monitor_dead_letters_total", m.dead_letters),
-                             ("agent_monitor_policy_failures_total", m.policy_failures)):
+                             ("agent_monitor_policy_failures_total", m.policy_failures),
+                             ("agent_monitor_policy_records_refused_total", m.records_refused)):
             f = family(name)
             for kind, n in sorted(dict(counts).items()):
                 f.add_metric([kind], n)

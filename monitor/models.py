@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
@@ -28,6 +29,7 @@ from pydantic import (
     Tag,
     ValidationInfo,
     field_validator,
+    model_validator,
     with_config,
 )
 from typing_extensions import NotRequired, TypedDict
@@ -36,6 +38,8 @@ SCHEMA_VERSION = 1
 
 Decision = Literal["allow", "deny"]
 Severity = Literal["low", "medium", "high", "critical"]
+Action = Literal["block", "log"]
+"""What a rule's violation does: ``block`` denies the batch, ``log`` lets it through (alerts still go out)."""
 
 
 def utcnow() -> datetime:
@@ -160,6 +164,20 @@ def parse_severity(message: str, kwargs: dict[str, Any] | None = None,
     return m.group(1).lower() if m else default  # type: ignore[return-value]
 
 
+_ACTION = re.compile(r"\[action\s*=\s*(block|log)\]", re.I)
+
+
+def parse_action(message: str) -> Action | None:
+    """``[action=log]`` (or ``[action=block]``) in a rule's message, as ``[risk=...]`` sets severity;
+    None when the message names no action.
+
+    >>> parse_action("Secret in a shell command [risk=medium] [action=log]"), parse_action("x")
+    ('log', None)
+    """
+    m = _ACTION.search(message)
+    return m.group(1).lower() if m else None  # type: ignore[return-value]
+
+
 class Match(BaseModel):
     """One rule match as an engine reports it, before it is tied to a session."""
 
@@ -189,9 +207,12 @@ class Violation(BaseModel):
     addresses: list[str] = Field(default_factory=list)
     key: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    action: Action = Field(default="block", description=(
+        "block: this violation denies the batch; log: it is listed and alerted, the batch is allowed"))
 
     @classmethod
-    def from_match(cls, match: Match, session_id: str, policy_sha256: str) -> "Violation":
+    def from_match(cls, match: Match, session_id: str, policy_sha256: str,
+                   action: Action = "block") -> "Violation":
         return cls(
             alert_id=make_alert_id(session_id, policy_sha256, match.key),
             rule_index=match.rule_index,
@@ -200,6 +221,7 @@ class Violation(BaseModel):
             addresses=list(match.addresses),
             key=match.key,
             kwargs=dict(match.kwargs),
+            action=action,
         )
 
 
@@ -216,6 +238,8 @@ class Verdict(BaseModel):
         "violations left out to keep the record small; every one still has its alert"))
     reason: str | None = Field(default=None, description="why, when the deny is not a rule match")
     policy_id: str | None = None
+    policy_version: int | None = Field(default=None, description=(
+        "the registry version that checked the batch (None: a policy from files)"))
     policy_sha256: str | None = None
     engine: str | None = None
     evaluated_at: datetime = Field(default_factory=utcnow)
@@ -235,6 +259,7 @@ class Alert(Violation):
     batch_id: str
     decision: Decision
     policy_id: str | None = None
+    policy_version: int | None = None
     policy_sha256: str | None = None
     raised_at: datetime = Field(default_factory=utcnow)
     source: SourceRef | None = None
@@ -247,10 +272,78 @@ class Alert(Violation):
             batch_id=verdict.batch_id,
             decision=verdict.decision,
             policy_id=verdict.policy_id,
+            policy_version=verdict.policy_version,
             policy_sha256=verdict.policy_sha256,
             raised_at=verdict.evaluated_at,
             source=verdict.source,
         )
+
+
+POLICY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""A registry policy id: letters, digits, ``.``, ``_``, ``-`` (``@`` and ``#`` separate its record keys)."""
+
+Stage = Literal["active", "shadow"]
+
+
+class PolicyRecord(BaseModel):
+    """One version of a policy, on ``<prefix>.policies`` (compacted; see :mod:`monitor.registry`).
+
+    ``actions`` gives every rule's action by rule index (JSON keys are strings); ``rules`` the
+    rules' messages, for people. ``signature`` is Ed25519 over :meth:`signed_bytes` (every other
+    field), by the key ``key_id`` names.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    policy_id: str = Field(pattern=POLICY_ID_PATTERN)
+    version: int = Field(ge=1, description="monotonic per policy id")
+    stage: Stage = Field(default="active", description="active: serves verdicts; shadow: a candidate")
+    text: str = Field(min_length=1, max_length=1_000_000)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of text (UTF-8)")
+    actions: dict[str, Action] = Field(default_factory=dict, description="rule index -> block or log")
+    rules: list[str] = Field(default_factory=list, description="each rule's message, in rule-index order")
+    author: str = Field(default="", max_length=256)
+    created_at: datetime = Field(default_factory=utcnow)
+    note: str | None = Field(default=None, max_length=1000, description="e.g. rollback to v3")
+    sources: list[str] = Field(default_factory=list, description="the files the text came from")
+    key_id: str | None = Field(default=None, description="the signing key's id (sha256 of its raw bytes, 16 hex)")
+    signature: str | None = Field(default=None, description="Ed25519 over signed_bytes(), base64")
+
+    @field_validator("actions")
+    @classmethod
+    def _rule_indices(cls, actions: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in actions if not k.isdigit()]
+        if bad:
+            raise ValueError(f"action keys are rule indices (0, 1, ...), not {bad[0]!r}")
+        return actions
+
+    @model_validator(mode="after")
+    def _text_matches_sha256(self) -> "PolicyRecord":
+        if hashlib.sha256(self.text.encode()).hexdigest() != self.sha256:
+            raise ValueError("sha256 is not the sha256 of text")
+        return self
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: every field but the signature, as canonical JSON."""
+        data = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def rule_actions(self) -> dict[int, Action]:
+        return {int(k): v for k, v in self.actions.items()}
+
+
+class ShadowVerdict(BaseModel):
+    """A candidate version's verdict beside the active one's, on ``<prefix>.shadow`` (never on the
+    verdicts topic: agents never see it)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    session_id: str
+    batch_id: str
+    policy_id: str
+    candidate: Verdict = Field(description="what the candidate would have answered")
+    active: Verdict = Field(description="what the active version answered (and was published)")
+    differs: bool = Field(description="the decisions, or the rules that matched, differ")
 
 
 DeadLetterKind = Literal["not_json", "invalid", "too_large", "out_of_order", "internal"]
@@ -283,4 +376,6 @@ WIRE_MODELS: dict[str, type[BaseModel]] = {
     "Verdict": Verdict,
     "Alert": Alert,
     "DeadLetter": DeadLetter,
+    "PolicyRecord": PolicyRecord,
+    "ShadowVerdict": ShadowVerdict,
 }

@@ -1,7 +1,9 @@
 """Loading monitor policies from files: text, id, sha256, and errors a person can act on.
 
 A policy is one Invariant policy file or a folder of them (``*.gr``, ``*.iv``, ``*.policy``,
-read in name order). Policies are code: load only files the operator controls.
+read in name order). Policies are code: every load goes through the policy sandbox
+(:mod:`monitor.sandbox`), which refuses imports outside invariant's builtins and detectors (plus
+``--allow-import``) before anything is linked, and guards what linking runs.
 
 Example::
 
@@ -20,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monitor import sandbox
 from monitor.errors import EXIT_USAGE, MonitorError
+from monitor.models import Action, parse_action
 
 POLICY_SUFFIXES = (".gr", ".iv", ".policy", ".inv")
 
@@ -41,13 +45,20 @@ class PolicyLoadError(MonitorError, ValueError):
 
 @dataclass
 class LoadedPolicy:
-    """A parsed, validated policy and what identifies it on the wire."""
+    """A parsed, validated policy and what identifies it on the wire.
+
+    ``version`` is the registry's version number (None for a policy from files); ``actions`` the
+    per-rule actions a registry record sets (rule index -> ``block``/``log``), which override the
+    ``[action=...]`` tags of the rules' messages (see :meth:`rule_actions`).
+    """
 
     text: str
     policy_id: str
     sha256: str
     sources: list[str] = field(default_factory=list)
     _local: object | None = field(default=None, repr=False)
+    version: int | None = None
+    actions: dict[int, Action] = field(default_factory=dict)
 
     @property
     def local(self):  # -> invariant.analyzer.policy.LocalPolicy
@@ -63,23 +74,54 @@ class LoadedPolicy:
 
         return [s for s in self.local.policy_root.statements if isinstance(s, RaisePolicy)]
 
+    def rule_actions(self) -> dict[int, Action]:
+        """What each rule's violations do: the record's action for the rule, else the ``[action=...]``
+        tag of its message, else ``block``.
+
+        >>> p = load_policy_text('raise "noisy [action=log]" if:\\n    (m: Message)\\n    "x" in m.content\\n'
+        ...                      'raise "bad" if:\\n    (m: Message)\\n    "y" in m.content\\n')
+        >>> p.rule_actions()
+        {0: 'log', 1: 'block'}
+        """
+        return {i: self.actions.get(i) or parse_action(rule_message(rule)) or "block"
+                for i, rule in enumerate(self.rules)}
+
+
+def rule_message(rule: Any) -> str:
+    """The message a rule (an invariant ``RaisePolicy``) raises, as ``policy explain`` shows it.
+
+    ``raise "bad thing" if: ...`` and ``raise PolicyViolation("bad thing", x=1) if: ...`` both
+    give ``bad thing``; a message that is an expression gives the expression.
+    """
+    from invariant.analyzer.language.ast import StringLiteral
+
+    exc = rule.exception_or_constructor
+    if type(exc) is StringLiteral:
+        return str(exc.value)
+    try:
+        return str(exc.args[0].value)
+    except (AttributeError, IndexError):
+        return str(exc)
+
 
 _LINE = re.compile(r"at line (\d+) col")
 _FILE_LINE = re.compile(r"^File [^\n]*:(\d+)$", re.M)
 
 
-_PARSED: dict[tuple[str, str | None], object] = {}
+_PARSED: dict[tuple[str, str | None, tuple[str, ...]], object] = {}
 
 
 def _parse(text: str, path: str | None):
-    """Parse once per (text, path): parsing costs 100-200 ms and a folder is read several ways."""
-    key = (text, path)
+    """Parse once per (text, path, allowed imports): parsing costs 100-200 ms and a folder is read
+    several ways."""
+    key = (text, path, sandbox.allowed_imports())
     if key not in _PARSED:
         _PARSED[key] = _parse_uncached(text, path)
     return _PARSED[key]
 
 
 def _parse_uncached(text: str, path: str | None):
+    from invariant.analyzer.language.parser import parse
     from invariant.analyzer.policy import LocalPolicy
 
     from monitor.detectors import install
@@ -89,7 +131,16 @@ def _parse_uncached(text: str, path: str | None):
 
     where = path or "<policy>"
     try:
-        return LocalPolicy.from_string(text, path=path)
+        root = parse(text, path, optimize_rules=False)
+        if not root.errors:
+            # before linking: linking imports (runs) every module the policy names
+            refused = sandbox.refusals(root, text)
+            if refused:
+                raise PolicyLoadError(sandbox.describe(refused, where), path, refused[0].line)
+        with sandbox.guarded():  # what linking runs is policy code too
+            return LocalPolicy(root, symbol_table=sandbox.symbol_table())
+    except PolicyLoadError:
+        raise
     except PolicyLoadingError as exc:
         detail = str(exc).split("The following errors were found:", 1)[-1].strip()
         m = _FILE_LINE.search(detail) or _LINE.search(detail)
@@ -183,25 +234,45 @@ class PolicySet:
     ('x', 'x')
     """
 
-    default: LoadedPolicy
+    default: LoadedPolicy | None
     by_id: dict[str, LoadedPolicy] = field(default_factory=dict)
+    # the id whose policy batches without one get, when it is served (a registry worker's
+    # --default-policy; a file set's default is its own policy)
+    default_id: str | None = None
 
     @classmethod
     def single(cls, policy: LoadedPolicy) -> "PolicySet":
         return cls(default=policy, by_id={policy.policy_id: policy})
 
+    @classmethod
+    def empty(cls, default_id: str | None = None) -> "PolicySet":
+        """A set that :meth:`put` fills (a worker following the policy registry)."""
+        return cls(default=None, default_id=default_id)
+
+    def put(self, policy: LoadedPolicy) -> None:
+        """Serve ``policy`` under its id from now on (a new version replaces the one before)."""
+        self.by_id[policy.policy_id] = policy
+        if policy.policy_id == (self.default_id or (self.default.policy_id if self.default else None)):
+            self.default = policy
+
     def resolve(self, policy_id: str | None) -> LoadedPolicy:
         """The policy for a batch; raises KeyError naming the known ids for an unknown one."""
-        if policy_id is None or policy_id == self.default.policy_id:
-            return self.default
+        default = self.default
+        if default is not None and (policy_id is None or policy_id == default.policy_id):
+            return default
         try:
+            if policy_id is None:
+                raise KeyError(policy_id)
             return self.by_id[policy_id]
         except KeyError:
-            known = ", ".join(sorted({self.default.policy_id, *self.by_id})) or "none"
+            known = ", ".join(sorted({p.policy_id for p in self.all()})) or "none"
+            if policy_id is None:
+                raise KeyError(f"the batch names no policy and this worker has no default one (it serves: "
+                               f"{known})") from None
             raise KeyError(f"unknown policy {policy_id!r} (this worker serves: {known})") from None
 
     def all(self) -> list[LoadedPolicy]:
-        seen: dict[str, LoadedPolicy] = {self.default.policy_id: self.default}
+        seen: dict[str, LoadedPolicy] = {self.default.policy_id: self.default} if self.default else {}
         seen.update(self.by_id)
         return list(seen.values())
 

@@ -91,6 +91,8 @@ class ReplayOptions(_Model):
     trace_batch: int = 1
     budget_ms: float | None = None
     max_record_bytes: int = 1_000_000
+    allow_imports: list[str] = Field(default_factory=list, description=(
+        "imports the policy sandbox allowed beyond invariant's builtins (--allow-import)"))
 
 
 class Counts(_Model):

@@ -24,6 +24,7 @@ from collections.abc import MutableMapping
 from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
+from pydantic_core import from_json, to_json
 
 from monitor.engine.base import SessionState
 from monitor.errors import MonitorError
@@ -36,13 +37,17 @@ class StateCorrupted(MonitorError):
 
 
 class PolicyCursor(BaseModel):
-    """Where one policy's engine state of a session stands."""
+    """Where one policy's engine state of a session stands; ``raw_start``-``raw_end``: the trace
+    indices of the session's raw events kept (a worker that follows the policy registry keeps the
+    last ``--history``, so that a new version can rebuild the state from them)."""
 
     engine: str = ""
     length: int = 0
     head: dict[str, Any] = Field(default_factory=dict)
     log_start: int = 0
     log_end: int = 0
+    raw_start: int = 0
+    raw_end: int = 0
 
 
 class SessionHead(BaseModel):
@@ -79,6 +84,10 @@ def head_key(session_id: str) -> str:
 
 def entry_key(policy_id: str, session_id: str, n: int) -> str:
     return f"e{_SEP}{session_id}{_SEP}{policy_id}{_SEP}{n}"
+
+
+def raw_key(policy_id: str, session_id: str, n: int) -> str:
+    return f"r{_SEP}{session_id}{_SEP}{policy_id}{_SEP}{n}"
 
 
 def verdict_key(session_id: str, batch_id: str) -> str:
@@ -151,6 +160,23 @@ class SessionStore:
         return SessionState(engine=engine, length=cur.length, head=cur.head,
                             log_start=cur.log_start, log=log)
 
+    def raw_events(self, head: SessionHead, policy_id: str, session_id: str) -> list[dict[str, Any]]:
+        """The raw events kept for ``policy_id`` in this session, as ``{"i": trace index, "e": event}``
+        (read only to rebuild a state another policy version wrote)."""
+        cur = head.policies.get(policy_id)
+        if cur is None:
+            return []
+        out = []
+        for n in range(cur.raw_start, cur.raw_end):
+            event = self.table.get(raw_key(policy_id, session_id, n))
+            if event is None:
+                raise StateCorrupted(f"raw event {n} of session {session_id!r} (policy {policy_id!r}) is missing "
+                                     f"from the state table")
+            # (kept as JSON bytes: never read on the live path, and bytes cost the cyclic GC nothing;
+            # a changelog restore hands back the parsed event)
+            out.append({"i": n, "e": from_json(event) if type(event) is bytes else event})
+        return out
+
     def delete_session(self, session_id: str) -> int:
         """Remove everything a session keeps (head, log entries, recent verdicts); returns the
         number of records removed. The head goes first: a crash part-way leaves unreachable
@@ -165,31 +191,59 @@ class SessionStore:
         for pid, cur in head.policies.items():
             for i in range(cur.log_start, cur.log_end):
                 n += self.table.pop(entry_key(pid, session_id, i), None) is not None
+            for i in range(cur.raw_start, cur.raw_end):
+                n += self.table.pop(raw_key(pid, session_id, i), None) is not None
         for bid in head.recent:
             n += self.verdicts.pop(verdict_key(session_id, bid), None) is not None
         return n
 
     def commit(self, session_id: str, head: SessionHead, batch_id: str, verdict: bytes | dict[str, Any],
                seq: int | None = None, policy_id: str | None = None,
-               new_state: SessionState | None = None, appended: list[Any] | None = None) -> SessionHead:
-        """Record a batch's verdict and, when it joins the past, its state; the head goes last."""
+               new_state: SessionState | None = None, appended: list[Any] | None = None,
+               more: tuple[tuple[str, SessionState, list[Any]], ...] = (),
+               forget: tuple[str, ...] = (), raw: list[Any] | None = None, history: int = 0) -> SessionHead:
+        """Record a batch's verdict and, when it joins the past, its state; the head goes last.
+
+        ``raw``: the batch's events, kept for ``policy_id`` (the last ``history`` of the session;
+        older ones go). ``more`` advances other policy states of the session in the same commit
+        (a shadow candidate's: policy id, new state, appended entries); ``forget`` drops policy
+        states with all their entries (a candidate that is gone).
+        """
         policies = dict(head.policies)
         dropped: list[str] = []
+        advances = list(more)
         if policy_id is not None and new_state is not None:
-            before = policies.get(policy_id)
-            if before is None or (before.engine and before.engine != new_state.engine):
-                before = PolicyCursor(engine=new_state.engine, log_start=new_state.log_start,
-                                      log_end=new_state.log_start)
+            advances.insert(0, (policy_id, new_state, appended or []))
+        for pid, state, entries in advances:
+            before = policies.get(pid)
+            raw_start, raw_end = (before.raw_start, before.raw_end) if before is not None else (0, 0)
+            if before is None or (before.engine and before.engine != state.engine):
+                before = PolicyCursor(engine=state.engine, log_start=state.log_start, log_end=state.log_start)
             end = before.log_end
-            for entry in appended or []:
-                self.table[entry_key(policy_id, session_id, end)] = entry
+            for entry in entries:
+                self.table[entry_key(pid, session_id, end)] = entry
                 end += 1
-            dropped = [entry_key(policy_id, session_id, n)
-                       for n in range(before.log_start, min(new_state.log_start, end))]
-            policies[policy_id] = PolicyCursor(
-                engine=new_state.engine, length=new_state.length, head=new_state.head,
-                log_start=max(new_state.log_start, before.log_start), log_end=end,
+            dropped += [entry_key(pid, session_id, n) for n in range(before.log_start, min(state.log_start, end))]
+            if raw is not None and pid == policy_id:
+                first = state.length - len(raw)  # the trace index of the batch's first event
+                if raw_end != first:  # what was kept does not lead up to this batch: it goes
+                    dropped += [raw_key(pid, session_id, n) for n in range(raw_start, raw_end)]
+                    raw_start = first
+                for k, event in enumerate(raw):
+                    self.table[raw_key(pid, session_id, first + k)] = to_json(event)
+                raw_end = state.length
+                keep_from = max(raw_start, raw_end - history)
+                dropped += [raw_key(pid, session_id, n) for n in range(raw_start, keep_from)]
+                raw_start = keep_from
+            policies[pid] = PolicyCursor(
+                engine=state.engine, length=state.length, head=state.head,
+                log_start=max(state.log_start, before.log_start), log_end=end, raw_start=raw_start, raw_end=raw_end,
             )
+        for pid in forget:
+            gone = policies.pop(pid, None)
+            if gone is not None:
+                dropped += [entry_key(pid, session_id, n) for n in range(gone.log_start, gone.log_end)]
+                dropped += [raw_key(pid, session_id, n) for n in range(gone.raw_start, gone.raw_end)]
         self.verdicts[verdict_key(session_id, batch_id)] = verdict
         recent = [b for b in head.recent if b != batch_id] + [batch_id]
         forgotten, recent = recent[: -self.verdict_memory], recent[-self.verdict_memory:]

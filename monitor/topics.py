@@ -33,7 +33,7 @@ import os
 import sys
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,7 +53,7 @@ REPO_TOPICS_DIR = Path(__file__).resolve().parent.parent / "topics"
 DEFAULT_SCHEMA_DIR = REPO_TOPICS_DIR / "schemas"
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
-TOPIC_KEYS: tuple[str, ...] = ("events", "verdicts", "alerts", "deadletter", "state")
+TOPIC_KEYS: tuple[str, ...] = ("events", "verdicts", "alerts", "deadletter", "state", "policies", "shadow")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,6 +115,10 @@ class TopicsFile(BaseModel):
             raise ValueError("topics.state must set partitions_from = \"events\"")
         if state.config.get("cleanup.policy") != "compact":
             raise ValueError("topics.state needs cleanup.policy = \"compact\" (delete retention would drop live sessions' state)")
+        policies = self.topics["policies"]
+        # one partition: the registry's records keep one order; compacted: every version stays
+        if policies.partitions != 1 or policies.config.get("cleanup.policy") != "compact":
+            raise ValueError("topics.policies needs partitions = 1 and cleanup.policy = \"compact\"")
         if self.replication_factor == 0 or self.replication_factor < -1:
             raise ValueError("replication_factor must be -1 (broker default) or >= 1")
         return self
@@ -273,6 +277,7 @@ def create_topics(
     spec: TopicsFile | str | os.PathLike[str] | None = None,
     admin_config: Mapping[str, str] | None = None,
     timeout: float = 30.0,
+    only: Collection[str] | None = None,
 ) -> list[TopicResult]:
     """Provision the deployment's topics; idempotent.
 
@@ -286,7 +291,8 @@ def create_topics(
 
     ``bootstrap``: Kafka bootstrap servers. ``prefix``: topic name prefix (default
     ``$AGENT_MONITOR_PREFIX``, else the spec's ``agent``). ``partitions_override``: see :func:`topic_specs`. ``admin_config``: extra
-    librdkafka settings (security.protocol, sasl.*, ...).
+    librdkafka settings (security.protocol, sasl.*, ...). ``only``: provision only these topic keys
+    (``policy publish`` makes sure of ``policies`` alone).
 
     Example (needs a broker)::
 
@@ -299,6 +305,8 @@ def create_topics(
     from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
     specs = topic_specs(prefix, partitions_override, replication_factor=replication_factor, spec=spec)
+    if only is not None:
+        specs = [s for s in specs if s.key in only]
     admin = AdminClient({"bootstrap.servers": bootstrap, **dict(admin_config or {})})
     existing = _partition_counts(admin, timeout)
 

@@ -27,13 +27,14 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from monitor import __version__
+from monitor import __version__, sandbox, signing
 from monitor.changelog import ChangelogTable
 from monitor.config import WorkerSettings
 from monitor.core import BatchEvaluator, Outcome, failure_kind, short_validation
 from monitor.metrics import FILE_POLICY_VERSION, WorkerMetrics
 from monitor.models import SourceRef
 from monitor.policy import PolicySet, load_policy_set
+from monitor.registry import RegistryFollower
 from monitor.runtime import Runtime, RuntimeConfig, Sink, print_ready
 from monitor.state import HEAD_PREFIX, SessionStore
 
@@ -80,14 +81,16 @@ class SessionClock:
 
 
 class MonitorProcessor:
-    """Publishes the core's outcomes; expires idle sessions."""
+    """Publishes the core's outcomes; expires idle sessions; with a policy registry, swaps in the
+    versions its follower hands over at batch boundaries."""
 
     def __init__(self, policies: PolicySet, settings: WorkerSettings,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, follower: RegistryFollower | None = None) -> None:
         self.settings = settings
         self.topics = settings.topics
         self.core = BatchEvaluator(policies, settings)
         self.metrics = metrics
+        self.follower = follower
         self.clock = SessionClock()
         self.table: ChangelogTable | None = None
         self.store: SessionStore | None = None
@@ -102,6 +105,8 @@ class MonitorProcessor:
             self.metrics.attach_runtime(runtime)
 
     async def process(self, records: list[Any], sink: Sink) -> None:
+        if self.follower is not None:
+            self.apply_updates()  # a batch boundary: every record below is checked by one version
         table, store, core, clock, metrics = self.table, self.store, self.core, self.clock, self.metrics
         assert table is not None and store is not None
         topic = self.topics.events
@@ -136,6 +141,8 @@ class MonitorProcessor:
             return
         vkey = verdict.session_id.encode()
         sink.produce(self.topics.verdicts, vkey, outcome.verdict_json or verdict.model_dump_json().encode())
+        if outcome.shadow is not None:  # a candidate's verdict: to the shadow topic only
+            sink.produce(self.topics.shadow, vkey, outcome.shadow.model_dump_json().encode())
         for alert in outcome.alerts():
             sink.produce(self.topics.alerts, vkey, alert.model_dump_json().encode())
             if metrics:
@@ -162,7 +169,37 @@ class MonitorProcessor:
         if self.metrics:
             self.metrics.forget_partitions(partitions)
 
+    def apply_updates(self) -> int:
+        """Serve the registry versions the follower handed over since the last call (at a batch
+        boundary: between micro-batches, or at a tick); returns how many."""
+        assert self.follower is not None
+        updates = self.follower.updates()
+        if not updates:
+            return 0
+        # only the last of several versions of one policy (as at start) is built and served;
+        # active versions first: one may end a candidate that the same read replaced
+        latest = {(u.policy.policy_id, u.stage): u for u in updates}
+        for update in sorted(latest.values(), key=lambda u: u.stage != "active"):
+            policy, record = update.policy, update.record
+            if update.withdrawn:
+                self.core.withdraw_shadow(policy.policy_id)
+                log.warning("policy %s: shadow candidate v%d withdrawn", policy.policy_id, record.version)
+            elif update.stage == "shadow":
+                self.core.install_shadow(policy)
+                log.warning("policy %s: shadow candidate v%d (sha256 %s) checked beside the active version",
+                            policy.policy_id, record.version, record.sha256[:12])
+            else:
+                self.core.install(policy)
+                if self.metrics:
+                    self.metrics.set_policy(policy.policy_id, policy.sha256, str(record.version))
+                log.warning("policy %s: version %d (sha256 %s) active, %.0f ms after it was read",
+                            policy.policy_id, record.version, record.sha256[:12],
+                            (time.monotonic() - update.received) * 1000.0)
+        return len(updates)
+
     def tick(self, sink: Sink, now: float) -> None:
+        if self.follower is not None:
+            self.apply_updates()
         wall = time.time()
         self.expire(wall)
         metrics = self.metrics
@@ -201,6 +238,8 @@ class MonitorProcessor:
         return n
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.close()
         self.core.close()
 
 
@@ -219,8 +258,14 @@ def runtime_config(settings: WorkerSettings) -> RuntimeConfig:
 
 
 def run_worker(settings: WorkerSettings) -> None:
-    """Load the policy (refusing a bad one), then consume, check and publish until SIGTERM/SIGINT."""
-    policies = load_policy_set(settings.policy_path)
+    """Load the policy (refusing a bad one), then consume, check and publish until SIGTERM/SIGINT.
+
+    With ``policy_registry`` the policies come from ``<prefix>.policies``: read to its end before
+    the first batch, then followed (a new version serves from the next batch boundary)."""
+    sandbox.set_allowed_imports(settings.allow_imports)
+    sandbox.install_guard()
+    trusted = [signing.load_public_key(path) for path in settings.policy_public_keys]
+    policies = load_policy_set(settings.policy_path) if settings.policy_path else None
     level = settings.log_level.upper()
     logging.basicConfig(level=getattr(logging, level, logging.WARNING), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -232,13 +277,25 @@ def run_worker(settings: WorkerSettings) -> None:
                       partitions_override=settings.partitions)
     metrics = server = None
     if settings.metrics_port is not None:
+        metrics = WorkerMetrics(engine=settings.engine)
+    follower = None
+    if policies is None:
+        follower = RegistryFollower(settings.bootstrap_servers, settings.topic_prefix, trusted,
+                                    on_refused=(lambda reason, _why: metrics.policy_record_refused(reason))
+                                    if metrics else None)
+        policies = PolicySet.empty(settings.default_policy)
+        follower.start()  # (the versions it read are served from the first batch: apply_updates)
+    if metrics is not None:
         from monitor.metrics import serve_metrics
 
-        metrics = WorkerMetrics(engine=settings.engine)
         for p in policies.all():
             metrics.set_policy(p.policy_id, p.sha256, FILE_POLICY_VERSION)
         server = serve_metrics(metrics.registry, settings.metrics_port)
-    processor = MonitorProcessor(policies, settings, metrics)
+    processor = MonitorProcessor(policies, settings, metrics, follower)
+    if follower is not None:
+        n = processor.apply_updates()
+        log.warning("policy registry %s: %d version(s) read; serving %s", follower.topic, n,
+                    ", ".join(sorted(p.policy_id for p in policies.all())) or "nothing yet")
     # the imports, the parsed policies and the engines live as long as the process: keep the
     # cyclic collector from walking them again and again (pauses show as verdict latency)
     gc.collect()
@@ -264,6 +321,7 @@ def run_worker(settings: WorkerSettings) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m monitor.worker SETTINGS_JSON``: run a worker from serialised settings."""
     from monitor.policy import PolicyLoadError
+    from monitor.signing import KeyFileError
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -277,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run_worker(settings)
-    except PolicyLoadError as exc:
+    except (PolicyLoadError, KeyFileError) as exc:
         print(f"agent-monitor: refusing to start: {exc}", file=sys.stderr)
         return 2
     return 0

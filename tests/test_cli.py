@@ -53,7 +53,7 @@ def usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     (["run", "--policy", "p.gr", "--commit-interval-ms", "0"], "argument --commit-interval-ms: expected a number > 0"),
     (["run", "--policy", "p.gr", "--engine", "fast"], "argument --engine: invalid choice: 'fast'"),
     (["run", "--policy", "p.gr", "-b", "localhost"], "expected HOST:PORT[,HOST:PORT...], got 'localhost'"),
-    (["run"], "the following arguments are required: --policy"),
+    (["run"], "one of the arguments --policy --policy-registry is required"),
     (["tail", "everything"], "argument topic: invalid choice: 'everything'"),
     (["tail", "verdicts", "--max", "0"], "argument --max: expected a whole number >= 1, got 0"),
     (["broker", "restart"], "invalid choice: 'restart'"),
@@ -258,7 +258,7 @@ def test_demo_plays_samples_and_fails_on_a_wrong_expectation(kafka_bootstrap: st
     sessions = tmp_path / "sessions"
     sessions.mkdir()
     good = json.loads((SESSIONS / "flow_send_email_split.json").read_text())
-    (sessions / "good.json").write_text(json.dumps(good))
+    (sessions / "flow_send_email_split.json").write_text(json.dumps(good))  # the live update plays it too
     wrong = json.loads((SESSIONS / "secrets_create_pr.json").read_text())
     wrong["session_id"] = "wrong-expectation"
     wrong["expect"][2] = {"decision": "allow", "violations": []}  # the worker will deny this batch
@@ -271,4 +271,9 @@ def test_demo_plays_samples_and_fails_on_a_wrong_expectation(kafka_bootstrap: st
     assert "Must not call tool after user uses keyword" in out
     assert "✗ wrong-expectation  #wrong-expectation:2  DENY" in out
     assert "1 verdict(s) did not match the expectation" in out
-    assert "alerts 2 (expected 2" in out  # one per denied batch, read back from the alerts topic
+    # the live update: the flow begun under v1 ends under v2 (logged), a rollback (v3) denies it again
+    assert "✓ flow-send-email-split-live  #flow-send-email-split-live:1  ALLOW  send_after_keyword v2" in out
+    assert "logged Must not call tool after user uses keyword [action=log]" in out
+    assert "✓ flow-send-email-split-rollback  #flow-send-email-split-rollback:1  DENY  send_after_keyword v3" in out
+    # one per violation (the logged one too), read back from the alerts topic
+    assert "alerts 4 (expected 4" in out

@@ -465,6 +465,19 @@ def test_policy_text_refused_unless_allowed(strict):
         assert r.status_code == 200 and len(r.json()) == 1
 
 
+def test_request_policy_text_gets_the_sandbox(api, tmp_path):
+    """--allow-policy-text runs request policies in the same sandbox as the operator's: an unsafe
+    import is a 400 naming its line, before anything is linked."""
+    marker = tmp_path / "pwned"
+    text = f'from os import system\nraise "x" if:\n    (m: Message)\n    system("touch {marker}") == 0\n'
+    r = api.post("/api/v1/policy/load", json={"policy": text})
+    assert r.status_code == 400 and r.json()["error"] == "policy_invalid", r.text
+    assert r.json()["where"] == "policy:1" and "refused by the policy sandbox" in r.json()["detail"]
+    r = api.post("/api/policy/analyze", json={"policy": text, "trace": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and r.json()["error"] == "policy_invalid"
+    assert not marker.exists()
+
+
 def test_limits_on_events_and_listed_errors(strict):
     with strict.client(KEY) as c:
         r = c.post("/api/monitor/check", json={"policy_id": "send_after_keyword",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from monitor.models import (
     DeadLetter,
     EventBatch,
     Match,
+    PolicyRecord,
+    ShadowVerdict,
     SourceRef,
     Verdict,
     Violation,
@@ -91,11 +94,21 @@ def _examples() -> dict[str, list[dict]]:
     alert = Alert.from_violation(violation, verdict)
     dead = DeadLetter(kind="not_json", reason="value is not JSON", source=src, key="s1",
                       value_b64=DeadLetter.encode(b"\xff"), size=1)
+    text = 'raise "x [action=log]" if:\n    (m: Message)\n    "x" in m.content\n'
+    record = PolicyRecord(policy_id="p", version=3, text=text, sha256=hashlib.sha256(text.encode()).hexdigest(),
+                          actions={"0": "log"}, rules=["x [action=log]"], author="ops", key_id="0" * 16,
+                          signature="c2ln")
+    logged = verdict.model_copy(update={"decision": "allow", "policy_version": 4,
+                                        "violations": [violation.model_copy(update={"action": "log"})]})
+    shadow = ShadowVerdict(session_id="s1", batch_id="b1", policy_id="p", candidate=logged, active=verdict,
+                           differs=True)
     return {
         "EventBatch": [batch.model_dump(mode="json")],
-        "Verdict": [verdict.model_dump(mode="json"), allow.model_dump(mode="json")],
+        "Verdict": [verdict.model_dump(mode="json"), allow.model_dump(mode="json"), logged.model_dump(mode="json")],
         "Alert": [alert.model_dump(mode="json")],
         "DeadLetter": [dead.model_dump(mode="json")],
+        "PolicyRecord": [record.model_dump(mode="json")],
+        "ShadowVerdict": [shadow.model_dump(mode="json")],
     }
 
 
@@ -154,14 +167,16 @@ def test_spec_loads_and_state_changelog_follows_events_and_is_compacted(monkeypa
     spec = load_spec()
     assert spec.prefix == "agent"
     specs = {s.key: s for s in topic_specs()}
-    assert set(specs) == {"events", "verdicts", "alerts", "deadletter", "state"}
+    assert set(specs) == {"events", "verdicts", "alerts", "deadletter", "state", "policies", "shadow"}
     assert {k: s.partitions for k, s in specs.items()} == {
-        "events": 12, "verdicts": 12, "alerts": 6, "deadletter": 3, "state": 12}
+        "events": 12, "verdicts": 12, "alerts": 6, "deadletter": 3, "state": 12, "policies": 1, "shadow": 12}
+    # the registry: one order of records, and every version kept (compacted, a key per version)
+    assert specs["policies"].config["cleanup.policy"] == "compact"
     state = specs["state"]
     assert state.partitions == specs["events"].partitions
     assert state.config["cleanup.policy"] == "compact"
     assert "retention.ms" not in state.config  # no time-based deletion of session state
-    for key in ("events", "verdicts", "alerts", "deadletter"):
+    for key in ("events", "verdicts", "alerts", "deadletter", "shadow"):
         assert specs[key].config["cleanup.policy"] == "delete"
         assert int(specs[key].config["retention.ms"]) > 0
         assert int(specs[key].config["max.message.bytes"]) >= 1_000_000
@@ -175,7 +190,8 @@ def test_names_agree_with_monitor_config_for_any_prefix():
     for prefix in ("agent", "prod-eu.x"):
         names = TopicNames.for_prefix(prefix)
         assert {s.key: s.name for s in topic_specs(prefix)} == {
-            k: getattr(names, k) for k in ("events", "verdicts", "alerts", "deadletter", "state")}
+            k: getattr(names, k) for k in ("events", "verdicts", "alerts", "deadletter", "state", "policies",
+                                           "shadow")}
 
 
 def test_partition_overrides(monkeypatch):

@@ -39,6 +39,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from monitor import sandbox
 from monitor.errors import MonitorError
 from monitor.config import WorkerSettings
 from monitor.engine import BudgetExceeded, EngineError
@@ -258,11 +259,12 @@ class Analyzer:
         try:
             if state is None:
                 state = engine.initial_state()
-            if done < len(past):
-                # the past's own matches are the past's: only its state is kept
-                state = (await engine.check(state, past[done:], deadline=deadline)).advance(state)
-                self.past_states.put(keys[-1], state, len(past))
-            result = await engine.check(state, pending, deadline=deadline)
+            with sandbox.guarded():  # policy code runs: no network, process or file write
+                if done < len(past):
+                    # the past's own matches are the past's: only its state is kept
+                    state = (await engine.check(state, past[done:], deadline=deadline)).advance(state)
+                    self.past_states.put(keys[-1], state, len(past))
+                result = await engine.check(state, pending, deadline=deadline)
         except (EngineError, BudgetExceeded) as exc:
             raise classify(exc, self.settings.budget_ms) from None
         # the next request of a monitoring loop sends this past plus these pending events
@@ -283,7 +285,8 @@ class Analyzer:
             return await local.a_analyze(trace, **params)
 
         try:
-            result = await within(self._pool.run(run()), self._deadline())
+            with sandbox.guarded():
+                result = await within(self._pool.run(run()), self._deadline())
         except BudgetExceeded as exc:
             raise classify(exc, self.settings.budget_ms) from None
         except Exception as exc:  # noqa: BLE001 - the policy's failure is the client's answer

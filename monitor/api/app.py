@@ -37,8 +37,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from monitor import __version__, sandbox
 from monitor.errors import MonitorError
-from monitor import __version__
 from monitor.api.analysis import Analyzer, CheckFailed, CompiledPolicy, PolicyCache
 from monitor.api.models import (
     MAX_ID_CHARS,
@@ -80,7 +80,9 @@ class ServeSettings(BaseModel):
     policy_path: str | None = Field(default=None, description=(
         "policy file or folder served by id (policy_id) and by its exact text"))
     allow_policy_text: bool = Field(default=False, description=(
-        "run policy text sent in requests (policies are code; there is no sandbox yet)"))
+        "run policy text sent in requests (in the policy sandbox, as every policy: see monitor.sandbox)"))
+    allow_imports: list[str] = Field(default_factory=list, description=(
+        "imports the policy sandbox allows beyond invariant's builtins and detectors (--allow-import)"))
     api_keys_file: str | None = None
     no_auth: bool = Field(default=False, description="no API keys (only on a loopback host)")
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
@@ -106,7 +108,7 @@ class ServeSettings(BaseModel):
         return WorkerSettings(policy_path=self.policy_path or "-", budget_ms=self.budget_ms,
                               max_record_bytes=self.max_record_bytes,
                               max_verdict_violations=self.max_verdict_violations,
-                              verdict_memory=self.verdict_memory,
+                              verdict_memory=self.verdict_memory, allow_imports=self.allow_imports,
                               bootstrap_servers=self.bootstrap_servers, topic_prefix=self.topic_prefix)
 
 
@@ -153,6 +155,8 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
             raise ValueError("no API keys: give --api-keys FILE or set AGENT_MONITOR_API_KEYS "
                              "(NAME:SHA256 entries; `agent-monitor serve --new-key NAME` makes one), "
                              "or --no-auth on a loopback host")
+    sandbox.set_allowed_imports(settings.allow_imports)  # for the operator's and requests' policies
+    sandbox.install_guard()
     worker = settings.worker()
     cache = PolicyCache(settings.policy_cache)
     analyzer = Analyzer(worker, cache)
@@ -255,8 +259,8 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
         if not settings.allow_policy_text:
             known = ", ".join(sorted(served)) or "none"
             raise ApiError(400, "policy_text_refused", (
-                "this server runs no policy text from requests: a policy is code, and the policy "
-                "sandbox does not exist yet (an operator may start it with --allow-policy-text). "
+                "this server runs no policy text from requests: a policy is code (an operator may "
+                "allow it with --allow-policy-text; it then runs in the policy sandbox). "
                 f"It serves these policies, by 'policy_id' or by their exact text: {known}"),
                 "body.policy")
         try:

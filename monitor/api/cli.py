@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from monitor.argtypes import int_at_least, non_negative_float, port, positive_float
-from monitor.cli_options import CliError, bootstrap_of, kafka_args, prefix_of
+from monitor.cli_options import CliError, allow_import_arg, bootstrap_of, kafka_args, prefix_of
 from monitor.errors import EXIT_OK
 
 LOOPBACK_NAMES = ("localhost",)
@@ -63,6 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     fields: dict[str, Any] = {
         "host": args.host, "port": args.port, "policy_path": args.policy,
         "allow_policy_text": args.allow_policy_text, "api_keys_file": args.api_keys,
+        "allow_imports": args.allow_import or [],
         "no_auth": args.no_auth, "max_body_bytes": args.max_body_bytes, "max_events": args.max_events,
         "policy_cache": args.policy_cache, "rate_limit": args.rate_limit, "rate_burst": args.rate_burst, "cors_origins": args.cors_origin or [],
         "budget_ms": None if args.budget_ms == 0 else args.budget_ms,
@@ -78,8 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (KeyFileError, ValueError) as exc:
         raise CliError(str(exc)) from None
     if settings.allow_policy_text:
-        print("agent-monitor serve: WARNING: --allow-policy-text: requests may run any policy "
-              "text, and a policy is code that runs with this server's rights (no sandbox yet)",
+        print("agent-monitor serve: WARNING: --allow-policy-text: requests may run their own policy "
+              "text, in the policy sandbox (imports limited, no network, process or file write while "
+              "it runs) but with this server's CPU and memory up to --budget-ms: trusted callers only",
               file=sys.stderr)
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"agent-monitor serve: {where} (docs {where}/docs); policies: "
@@ -108,7 +110,9 @@ def register_cli(sub: Any) -> None:
     p.add_argument("--policy", metavar="PATH", help="policy file or folder to serve by policy_id "
                    "and by exact text (as `run --policy`)")
     p.add_argument("--allow-policy-text", action="store_true", help="run policy text sent in "
-                   "requests (a policy is code and there is no sandbox yet: trusted callers only)")
+                   "requests, in the policy sandbox (imports limited as for --policy; CPU and memory "
+                   "only bounded by --budget-ms: trusted callers only)")
+    allow_import_arg(p)
     p.add_argument("--api-keys", metavar="FILE", help="NAME:SHA256 per line (also "
                    "$AGENT_MONITOR_API_KEYS, comma-separated)")
     p.add_argument("--new-key", metavar="NAME", help="print a new API key and its NAME:SHA256 line, then exit")

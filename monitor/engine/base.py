@@ -28,6 +28,9 @@ class SessionState(BaseModel):
     head: dict[str, Any] = Field(default_factory=dict)
     log_start: int = Field(default=0, description="number of the first entry still kept")
     log: list[Any] = Field(default_factory=list, description="entries log_start, log_start+1, ...")
+    raw: list[Any] | None = Field(default=None, description=(
+        "the session's last raw events ({i, e}), loaded by the caller only for an engine whose state "
+        "is stale (another policy version wrote it), to rebuild it; never stored with the state"))
 
 
 class CheckResult(BaseModel):
@@ -120,12 +123,20 @@ class Engine(ABC):
     """
 
     name: ClassVar[str]
+    # True when the state is the session's raw events themselves (the reference engine's): a new
+    # policy version reads it as it is, nothing is kept besides
+    state_is_raw: ClassVar[bool] = False
 
     def __init__(self, policy: LoadedPolicy) -> None:
         self.policy = policy
 
     def initial_state(self) -> SessionState:
         return SessionState(engine=self.name)
+
+    def stale(self, state: SessionState) -> bool:
+        """Whether ``state`` was written for another policy text and must be rebuilt from the
+        session's raw events (``state.raw``) before it is used."""
+        return False
 
     @abstractmethod
     async def check(self, state: SessionState, pending: list[dict[str, Any]],

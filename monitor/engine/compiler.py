@@ -38,6 +38,7 @@ from invariant.analyzer.language import ast
 from invariant.analyzer.language.scope import InputData, VariableDeclaration
 from invariant.analyzer.runtime.evaluation import Interpreter, Unknown
 
+from monitor import sandbox
 from monitor.engine.conditions import DirectContext, compile_fast
 from monitor.engine.support import rule_message
 from monitor.errors import MonitorError
@@ -248,7 +249,8 @@ def _first_pass(rule: Any, globals_: Any, symbol_table: Any) -> tuple[bool, list
 
     def target():
         try:
-            box["value"] = asyncio.run(run())
+            with sandbox.guarded():  # the first pass runs the policy's code: in the sandbox
+                box["value"] = asyncio.run(run())
         except BaseException as exc:  # noqa: BLE001 - reported as a reason to fall back
             box["error"] = exc
 

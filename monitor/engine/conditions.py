@@ -251,10 +251,12 @@ class Occurrences:
 
     def _visit(self, obj: Any, path: list, order: list[int]) -> None:
         # ``order`` (sibling numbers along the path) sorts places in the locator's visiting order
-        self.places.setdefault(id(obj), []).append((order, ".".join(map(str, path))))
-        if id(obj) in self._visited:
+        # one id() per node: with an audit hook installed (the policy sandbox's) each call costs one
+        key = id(obj)
+        self.places.setdefault(key, []).append((order, ".".join(map(str, path))))
+        if key in self._visited:
             return
-        self._visited.add(id(obj))
+        self._visited.add(key)
         if type(obj) is dict:
             for n, k in enumerate(obj):
                 self._visit(obj[k], path + [k], order + [n])

@@ -26,7 +26,10 @@ Where it can differ from invariant-ai (all rare, and what the differential tests
 - errors: invariant aborts an analysis when any assignment reaches a condition that raises; the
   state keeps, per failing condition, the earliest event that failed it, which covers the usual
   shapes but not every combination of three or more variables;
-- a state written for another policy text is not reused (its candidates name other rules).
+- a state written for another policy text is not reused (its candidates name other rules): it
+  is rebuilt from the session's raw events the caller hands over (``SessionState.raw``, kept by a
+  worker that follows the policy registry), or from those the log kept for uncompiled rules, or
+  starts afresh without any.
 
 Example::
 
@@ -187,18 +190,25 @@ class IncrementalEngine(Engine):
         return out
 
     async def check(self, state: SessionState, pending: list[dict[str, Any]],
-                    deadline: float | None = None) -> CheckResult:
+                    deadline: float | None = None, *, _rebuild: bool = False) -> CheckResult:
         """Evaluate ``pending`` after the session's past (see the module docstring).
 
         The check runs inline; ``deadline`` is checked between elements and assignments, so an
         overrun stops within one condition's evaluation of it.
+
+        A state written by another version of the policy (see :meth:`stale`) is rebuilt first
+        from the session's raw events: ``state.raw`` when the caller loaded them, else those the
+        log kept for uncompiled rules. This version's own conditions run over them, no match is
+        reported for them (they were answered already), and a flow that began before the update
+        is caught when it completes. Without raw events the past starts afresh. The rebuild
+        counts against ``deadline``.
         """
-        budget = Deadline(deadline)
         head, log = state.head, state.log
         if head.get("v") != STATE_VERSION or head.get("p") != self._tag:
-            # a state of another policy text (hot reload) or version: its candidates name other
-            # rules, so start afresh and let the log's old entries go
-            head, log = self._fresh_head(), []
+            if head and not _rebuild:
+                return await self._check_stale(state, pending, deadline)
+            head, log = self._fresh_head(), []  # a session's first batch (or a rebuild's start)
+        budget = Deadline(deadline)
         length = state.length
         # tool outputs made explicit once: parsing, kept events and call records all read them
         prepared, last_call = prepared_events(pending, head.get("lc"))
@@ -243,7 +253,7 @@ class IncrementalEngine(Engine):
             if rule.never:
                 continue
             rule_matches, new_recs, new_witnesses = await self._match_rule(
-                rule, by_kind, raw_prepared, old, head, index, objects, links, budget)
+                rule, by_kind, raw_prepared, old, head, index, objects, links, budget, _rebuild)
             matches.extend(rule_matches)
             tails = head["tail"].get(str(rule.index), {})
             for v, keep in enumerate(rule.keep):
@@ -265,7 +275,8 @@ class IncrementalEngine(Engine):
                         appended.append({"t": "k", **rec})
         log_start = state.log_start + (len(state.log) - len(log))
         if self.fallback:
-            matches.extend(await self._run_fallback(raw_entries, length, pending, deadline))
+            if not _rebuild:  # (a rebuild reports no match: the fallback rules have nothing to add)
+                matches.extend(await self._run_fallback(raw_entries, length, pending, deadline))
             appended.extend({"t": "e", "i": length + k, "e": e} for k, e in enumerate(pending))
             # drop raw events that left the window, keeping the candidates that sat among them
             total = length + len(pending)
@@ -282,6 +293,29 @@ class IncrementalEngine(Engine):
                     "tail": new_tail}
         return CheckResult(matches=matches, head=new_head, appended=appended, log_start=log_start,
                            pending_len=len(pending), engine=self.name)
+
+    async def _check_stale(self, state: SessionState, pending: list[dict[str, Any]],
+                           deadline: float | None) -> CheckResult:
+        """:meth:`check` on a state another version wrote: rebuilt from raw events first."""
+        raw = state.raw if state.raw else [e for e in state.log if e.get("t") == "e"]
+        raw = sorted(raw, key=lambda e: e["i"])
+        # every entry of the old state goes; numbering goes on after them
+        fresh = SessionState(engine=self.name, length=raw[0]["i"] if raw else state.length,
+                             head=self._fresh_head(), log_start=state.log_start + len(state.log))
+        if raw:
+            rebuilt = (await self.check(fresh, [e["e"] for e in raw], deadline, _rebuild=True)).advance(fresh)
+        else:
+            rebuilt = fresh
+        rebuilt.length = state.length  # events the window no longer held still count in addresses
+        result = await self.check(rebuilt, pending, deadline)
+        # relative to the caller's state: the old entries all go, the rebuilt ones come first
+        return result.model_copy(update={"appended": rebuilt.log + result.appended})
+
+    def stale(self, state: SessionState) -> bool:
+        """Whether ``state`` was written by another policy text (or state layout): its candidates
+        name other rules, so :meth:`check` rebuilds it from raw events."""
+        head = state.head
+        return bool(head) and (head.get("v") != STATE_VERSION or head.get("p") != self._tag)
 
     def close(self) -> None:
         if self._thread:
@@ -356,7 +390,7 @@ class IncrementalEngine(Engine):
 
     async def _match_rule(self, rule: CompiledRule, by_kind: dict[str, list[Element]],
                           raw: list[dict] | None, old: dict, head: dict, index: EventIndex,
-                          objects: dict, links: dict[int, dict], budget: Deadline
+                          objects: dict, links: dict[int, dict], budget: Deadline, rebuild: bool = False
                           ) -> tuple[list[Match], list[list[dict]], list[list[dict]]]:
         nvars = len(rule.vars)
         new: list[list[_Cand]] = [[] for _ in range(nvars)]
@@ -409,7 +443,8 @@ class IncrementalEngine(Engine):
                         new_witnesses[v].append(_record_of(rec, el))
             elif keep and keep > 0:
                 new_witnesses[v] = [_record_of(rec, el) for rec, el in failed[v]]
-        if not any(new) and not any(failed):
+        if rebuild or (not any(new) and not any(failed)):
+            # (a rebuild keeps the candidates only: the past's matches were answered already)
             return [], new_recs, new_witnesses
 
         raising = any(c.rec.get("k") == RAISE for v in range(nvars) for c in new[v]) or \

@@ -18,6 +18,7 @@ class ReferenceEngine(Engine):
     """invariant-ai's ``LocalPolicy.a_analyze_pending`` over the last ``max_history`` events."""
 
     name = "reference"
+    state_is_raw = True
 
     def __init__(self, policy: LoadedPolicy, max_history: int = DEFAULT_MAX_HISTORY,
                  offload: bool = True) -> None:

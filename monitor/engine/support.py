@@ -20,6 +20,7 @@ from typing import Any
 
 from monitor.engine.base import BudgetExceeded
 from monitor.models import Match
+from monitor.policy import rule_message  # noqa: F401 - the engines import it from here
 
 # The time budget, not an iteration count, bounds a check (invariant-ai reads this when it runs).
 os.environ.setdefault("INVARIANT_MAX_ITERATIONS", str(10**12))
@@ -91,23 +92,6 @@ def error_to_match(error: Any, offset: int, rule_index: int | None = None, key: 
         addresses=[shift_address(r.json_path, offset) for r in error.ranges],
         kwargs=error_kwargs(error),
     )
-
-
-def rule_message(rule: Any) -> str:
-    """The message a rule (an invariant ``RaisePolicy``) raises, as ``policy explain`` shows it.
-
-    ``raise "bad thing" if: ...`` and ``raise PolicyViolation("bad thing", x=1) if: ...`` both
-    give ``bad thing``; a message that is an expression gives the expression.
-    """
-    from invariant.analyzer.language.ast import StringLiteral
-
-    exc = rule.exception_or_constructor
-    if type(exc) is StringLiteral:
-        return str(exc.value)
-    try:
-        return str(exc.args[0].value)
-    except (AttributeError, IndexError):
-        return str(exc)
 
 
 async def within(awaitable: Awaitable[Any], deadline: float | None) -> Any:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from monitor.argtypes import int_at_least
+from monitor.cli_options import allow_import_arg
 from monitor.config import TopicNames, env_bootstrap
 from monitor.console import make_console
 from monitor.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
@@ -81,6 +82,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         policy=args.policy, inputs=args.inputs, out=args.out, html=args.html, compare=args.compare,
         engine=args.engine, keep_denied=args.keep_denied, verdict_memory=args.verdict_memory,
         trace_batch=args.trace_batch, budget_ms=args.budget_ms, max_record_bytes=args.max_record_bytes,
+        allow_imports=args.allow_import or [],
         bootstrap_servers=args.bootstrap_servers or (env_bootstrap() if topic or args.publish else None),
         topic=topic, from_time=args.from_time, to_time=args.to_time,
         from_offsets=args.from_offset, to_offsets=args.to_offset, partitions=args.partitions,
@@ -179,6 +181,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--budget-ms", type=float, help="time budget per batch (default: none, for reproducibility)")
     p.add_argument("--max-record-bytes", type=int_at_least(1024), default=1_000_000,
                    help="records over this size are refused, as the worker refuses them (at least 1024)")
+    allow_import_arg(p)
     p.add_argument("--shards", type=int_at_least(1), help="processes evaluating disjoint sessions "
                    "(default: 1, or up to 4 by cores for inputs over 16 MiB; a topic: 1)")
     p.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")

@@ -30,6 +30,7 @@ class ReplayRequest:
     trace_batch: int = 1
     budget_ms: float | None = None
     max_record_bytes: int = 1_000_000
+    allow_imports: list[str] = field(default_factory=list)  # --allow-import: the policy sandbox's
     bootstrap_servers: str | None = None
     topic: str | None = None
     from_time: str | None = None
@@ -48,4 +49,5 @@ class ReplayRequest:
     def options(self) -> ReplayOptions:
         return ReplayOptions(engine=self.engine, keep_denied=self.keep_denied,  # type: ignore[arg-type]
                              verdict_memory=self.verdict_memory, trace_batch=self.trace_batch,
-                             budget_ms=self.budget_ms, max_record_bytes=self.max_record_bytes)
+                             budget_ms=self.budget_ms, max_record_bytes=self.max_record_bytes,
+                             allow_imports=list(self.allow_imports))

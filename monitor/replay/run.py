@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from monitor import sandbox
 from monitor.policy import PolicySet, load_policy_set
 from monitor.replay.assemble import assemble, check_writable
 from monitor.replay.evaluate import ReplayedBatch, ReplayEvaluator
@@ -74,6 +75,7 @@ def _replay(req: ReplayRequest, workdir: str) -> ReplayResult:
     if not req.topic and not discover_files(req.inputs):
         raise ReplayError(f"no trace files ({', '.join(TRACE_SUFFIXES + JSONL_SUFFIXES)}) in "
                           + ", ".join(req.inputs))
+    sandbox.set_allowed_imports(req.allow_imports)
     policies = load_policy_set(req.policy)  # refuse a bad policy before any work starts
     other = load_policy_set(req.compare) if req.compare else None
     for target in (req.out, req.html):  # and an unwritable report path before the work, not after
@@ -98,6 +100,7 @@ async def evaluate_shard(req: ReplayRequest, shard: int, shards: int, db_dir: st
     ``report(done, events[, total])`` is called now and then with progress (bytes or records read).
     """
     options = req.options()
+    sandbox.set_allowed_imports(req.allow_imports)  # (a shard may be a process of its own)
     policies = policies or load_policy_set(req.policy)
     if req.compare and other is None:
         other = load_policy_set(req.compare)

@@ -110,7 +110,7 @@ def _rerun_request(m: Manifest, policy: str, out: str, workdir: str, bootstrap_s
         policy=policy, compare=m.compare_policy.path if m.compare_policy else None,
         out=out, engine=o.engine, keep_denied=o.keep_denied,
         verdict_memory=o.verdict_memory, trace_batch=o.trace_batch, budget_ms=o.budget_ms,
-        max_record_bytes=o.max_record_bytes, progress=progress, command=m.command, workdir=workdir)
+        max_record_bytes=o.max_record_bytes, allow_imports=list(o.allow_imports), progress=progress, command=m.command, workdir=workdir)
     if m.inputs.kafka is not None:
         k = m.inputs.kafka
         req.topic = k.topic
