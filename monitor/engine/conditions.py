@@ -34,6 +34,7 @@ from invariant.analyzer.runtime.input import Input
 from invariant.analyzer.runtime.nodes import Contents, Event, Message, ToolCall, ToolOutput
 
 from monitor.errors import MonitorError
+from monitor.limits import MAX_ADDRESSES
 
 # The status of one condition for one assignment, as invariant's rule body sees it.
 TRUE, FALSE, RAISE, OTHER = "T", "F", "R", "X"
@@ -443,10 +444,16 @@ async def evaluate(expr: Any, store: dict, globals_: Any, ctx: DirectContext,
     if value is False:
         return ConditionOutcome(FALSE)
     status = TRUE if (value is True or value is NOP) else OTHER
-    marks = []
+    marks: list[tuple[int, list[int], str]] = []
+    places: dict[int, list] = {}
     for obj_id, start, end in ranges:
+        if len(marks) >= MAX_ADDRESSES:  # what a violation lists (a 1 MB text may hold 250,000)
+            break
         suffix = f":{start}-{end}" if start is not None and end is not None else ""
-        for idx, order, path in index.locate(obj_id):
+        where = places.get(obj_id)
+        if where is None:
+            where = places[obj_id] = index.locate(obj_id)
+        for idx, order, path in where:
             marks.append((idx, order, path + suffix))
     leaks = []
     for decl in store:
@@ -476,10 +483,16 @@ def evaluate_fast(fast: Any, store: dict, index: EventIndex) -> ConditionOutcome
     status = TRUE if (value is True or value is NOP) else OTHER
     if not spans:
         return _TRUE_OUTCOME if status == TRUE else _OTHER_OUTCOME
-    marks = []
+    marks: list[tuple[int, list[int], str]] = []
+    places: dict[int, list] = {}
     for obj, start, end in spans:
+        if len(marks) >= MAX_ADDRESSES:
+            break
         suffix = f":{start}-{end}"
-        for idx, order, path in index.locate(id(obj)):
+        where = places.get(id(obj))
+        if where is None:
+            where = places[id(obj)] = index.locate(id(obj))
+        for idx, order, path in where:
             marks.append((idx, order, path + suffix))
     return ConditionOutcome(status, marks)
 

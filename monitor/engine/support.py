@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from monitor.engine.base import BudgetExceeded
+from monitor.limits import MAX_ADDRESSES
 from monitor.models import Match
 
 # The time budget, not an iteration count, bounds a check (invariant-ai reads this when it runs).
@@ -88,7 +89,7 @@ def error_to_match(error: Any, offset: int, rule_index: int | None = None, key: 
         rule_index=rule_index,
         message=error_message(error),
         key=key,
-        addresses=[shift_address(r.json_path, offset) for r in error.ranges],
+        addresses=[shift_address(r.json_path, offset) for r in error.ranges[:MAX_ADDRESSES]],
         kwargs=error_kwargs(error),
     )
 
