@@ -58,3 +58,25 @@ def host_ports(text: str) -> str:
         if not sep or not host or not number.isdigit():
             raise argparse.ArgumentTypeError(f"expected HOST:PORT[,HOST:PORT...], got {text!r}")
     return text
+
+
+def kinds_of(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """A comma-separated list of some of ``allowed`` (``timeout,error``).
+
+    >>> kinds_of(("timeout", "error"))("error, timeout")
+    ['error', 'timeout']
+    >>> kinds_of(("timeout", "error"))("all")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected some of timeout, error (comma-separated), got 'all'
+    """
+
+    def parse(text: str) -> list[str]:
+        got = [k.strip() for k in text.split(",") if k.strip()]
+        if not got or any(k not in allowed for k in got):
+            raise argparse.ArgumentTypeError(f"expected some of {', '.join(allowed)} (comma-separated), "
+                                             f"got {text!r}")
+        return got
+
+    parse.__name__ = "kinds"
+    return parse

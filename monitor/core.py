@@ -10,7 +10,7 @@ them repeats a rule of it.
 Example::
 
     >>> import asyncio
-    >>> from monitor.config import WorkerSettings
+    >>> from monitor.config import DEFAULT_MAX_BATCH_EVENTS, DEFAULT_MAX_ID_BYTES, WorkerSettings
     >>> from monitor.core import BatchEvaluator
     >>> from monitor.policy import PolicySet, load_policy_text
     >>> from monitor.state import SessionStore
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,18 +43,21 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_core import from_json
 
-from monitor.config import WorkerSettings
-from monitor.engine import BudgetExceeded, Engine, EngineError, make_engine
+from monitor.config import DEFAULT_MAX_BATCH_EVENTS, DEFAULT_MAX_ID_BYTES, WorkerSettings
+from monitor.engine import BudgetExceeded, Engine, EngineError, MatchCaps, make_engine
+from monitor.engine.isolation import IsolatedPool
 from monitor.errors import MonitorError
+from monitor.limits import fit_verdict
 from monitor.models import Alert, DeadLetter, EventBatch, SourceRef, Verdict, Violation
 from monitor.policy import LoadedPolicy, PolicySet
-from monitor.state import SessionHead, SessionStore, StateCorrupted
+from monitor.state import SessionHead, SessionStore, StateCorrupted, StateTooLarge
 
 log = logging.getLogger("agent_monitor.core")
 
 BUDGET_REASON = "the policy check exceeded its time budget"
 ERROR_REASON = "the policy raised an error"
 FAILED_REASON = "the policy check failed"
+STATE_REASON = "the session's state is over its limit"
 FAILURE_PREFIXES = (BUDGET_REASON, ERROR_REASON, FAILED_REASON)
 
 
@@ -62,6 +66,7 @@ class Rejected(MonitorError):
 
     def __init__(self, kind: str, reason: str, session_id: str | None = None,
                  batch_id: str | None = None) -> None:
+        reason = clip(reason, MAX_REASON_CHARS)  # a reason may quote input: never unbounded
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
@@ -85,6 +90,55 @@ def short_validation(exc: ValidationError, limit: int = 5) -> str:
 
 
 TOO_DEEP = "it is nested too deeply"
+MAX_REASON_CHARS = 2000  # a reason that quotes input (an error message, ids) is cut to this
+# CPython refuses to convert longer integers between text and int (quadratic time otherwise)
+INT_DIGITS = sys.get_int_max_str_digits() or 4300
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` if it has at most ``limit`` characters, else its beginning and how long it was.
+
+    >>> clip("abc", 10), clip("x" * 30, 10)
+    ('abc', 'xxxxxxxxxx… (30 characters)')
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def too_long(text: str, limit: int) -> bool:
+    """More than ``limit`` UTF-8 bytes (only text that may be longer is encoded to find out).
+
+    >>> too_long("abc", 3), too_long("ééé", 5), too_long("x" * 4, 3)
+    (False, True, True)
+    """
+    n = len(text)
+    if n > limit:
+        return True
+    if n * 4 <= limit or text.isascii():
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+class _IntDigits:
+    """A ``parse_int`` for ``json.loads`` that notes integers too long to convert (0 stands in)."""
+
+    __slots__ = ("longest",)
+
+    def __init__(self) -> None:
+        self.longest = 0
+
+    def __call__(self, text: str) -> int:
+        digits = len(text) - (text[:1] == "-")
+        if digits > INT_DIGITS:
+            self.longest = max(self.longest, digits)
+            return 0
+        return int(text)
+
+
+def huge_int_reason(digits: int) -> str:
+    return (f"the record holds an integer of {digits} digits: at most {INT_DIGITS} digits are "
+            "accepted (longer ones take quadratic time to convert, so Python refuses them)")
 LONE_SURROGATE = ("the record holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): "
                   "not Unicode text, so no verdict or report could quote it")
 
@@ -102,18 +156,29 @@ def is_unicode(value: Any) -> bool:
     return True
 
 
-def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
-                 keyed: bool = True) -> EventBatch:
+def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *, keyed: bool = True,
+                 max_events: int = DEFAULT_MAX_BATCH_EVENTS,
+                 max_id_bytes: int = DEFAULT_MAX_ID_BYTES) -> EventBatch:
     """Parse a record into an EventBatch or raise :class:`Rejected` with a reason a person can act on.
 
     ``keyed=False`` is for records that never had a Kafka key (lines of a replayed file): no key
-    is then required, and the session id is the record's own.
+    is then required, and the session id is the record's own. ``max_events`` bounds the events
+    of a batch, ``max_id_bytes`` the key and every id a verdict would echo (session, batch,
+    policy): an id past it is never echoed, so a record too long to be answered is refused.
 
     >>> decode_batch(b"s", b'{"session_id": "s", "batch_id": "b", "events": []}', 1000)
     Traceback (most recent call last):
     ...
     monitor.core.Rejected: not a valid EventBatch: events: Value error, at least one event is needed (only an end_session batch may have none)
+    >>> decode_batch(b"s", b'{"session_id": "s", "batch_id": "b", "seq": 1%s}' % (b"0" * 5000), 10**6)
+    Traceback (most recent call last):
+    ...
+    monitor.core.Rejected: the record holds an integer of 5001 digits: at most 4300 digits are accepted (longer ones take quadratic time to convert, so Python refuses them)
     """
+    if key and len(key) > max_id_bytes:
+        # the key is the session id: one this long could not be answered without echoing it
+        raise Rejected("invalid", f"the record key is {len(key)} bytes, over the limit of {max_id_bytes} "
+                       "(--max-id-bytes): the key must be the session_id, and ids that long are refused")
     key_text = key.decode("utf-8", "replace") if key else None
     if keyed and not key_text:
         raise Rejected("invalid", "the record has no key: the key must be the session_id, so that a "
@@ -121,24 +186,32 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
     if value is None:
         raise Rejected("invalid", "the record has no value (a tombstone?)", key_text)
     unicode_ok = True
+    huge = 0
     data: Any
     try:
         # pydantic-core's parser: over twice as fast as json's on agent records, and equal on
         # every text it accepts (numbers included)
         data = from_json(value, cache_strings=False)
     except ValueError:
+        digits = _IntDigits()
         try:  # json decides the rest (it also takes a BOM and UTF-16) and words the error
-            data = json.loads(value)
+            data = json.loads(value, parse_int=digits)
             unicode_ok = is_unicode(data)  # it also takes lone surrogates, which no JSON out can carry
         except RecursionError:
             data = ValueError(TOO_DEEP)
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             data = exc
+        huge = digits.longest  # the ids can still be read: the agent gets its deny
     sid = data.get("session_id") if isinstance(data, dict) else None
     bid = data.get("batch_id") if isinstance(data, dict) else None
-    # (ids from_json read are Unicode already: only json's may hold a lone surrogate)
-    sid = sid if isinstance(sid, str) and sid and (unicode_ok or is_unicode(sid)) else key_text
-    bid = bid if isinstance(bid, str) and bid and (unicode_ok or is_unicode(bid)) else None
+    # (ids from_json read are Unicode already: only json's may hold a lone surrogate); an id too
+    # long to echo is no id
+    long_id = next((name for name, v in (("session_id", sid), ("batch_id", bid))
+                    if isinstance(v, str) and too_long(v, max_id_bytes)), None)
+    sid = sid if isinstance(sid, str) and sid and long_id != "session_id" and (
+        unicode_ok or is_unicode(sid)) else key_text
+    bid = bid if isinstance(bid, str) and bid and long_id != "batch_id" and (
+        unicode_ok or is_unicode(bid)) else None
     if len(value) > max_bytes:
         # still read its ids (Kafka bounded its size) so the waiting agent gets a deny
         raise Rejected("too_large", f"the record is {len(value)} bytes, over the limit of {max_bytes}",
@@ -147,8 +220,20 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
         raise Rejected("not_json", f"the record value is not JSON: {data}", key_text)
     if not isinstance(data, dict):
         raise Rejected("invalid", f"an EventBatch is a JSON object, not {type(data).__name__}", sid, bid)
+    if huge:
+        raise Rejected("invalid", huge_int_reason(huge), sid, bid)
     if not unicode_ok:
         raise Rejected("invalid", LONE_SURROGATE, sid, bid)
+    policy = data.get("policy")
+    if long_id is None and isinstance(policy, str) and too_long(policy, max_id_bytes):
+        long_id = "policy"
+    if long_id is not None:
+        raise Rejected("invalid", f"the {long_id} is over the limit of {max_id_bytes} bytes "
+                       "(--max-id-bytes): ids that long are refused, never echoed", sid, bid)
+    events = data.get("events")
+    if type(events) is list and len(events) > max_events:
+        raise Rejected("invalid", f"the batch has {len(events)} events, over the limit of {max_events} "
+                       "(--max-batch-events): split it", sid, bid)
     try:
         batch = EventBatch.model_validate(data)
     except ValidationError as exc:
@@ -176,10 +261,11 @@ def rejected_verdict(rejected: Rejected, source: SourceRef | None) -> Verdict:
 
 
 def dead_letter_for(rejected: Rejected, key: bytes | None, value: bytes | None,
-                    source: SourceRef) -> DeadLetter:
-    """The dead letter of a refused record: its bytes, where it came from and why."""
+                    source: SourceRef, max_id_bytes: int = DEFAULT_MAX_ID_BYTES) -> DeadLetter:
+    """The dead letter of a refused record: its bytes, where it came from and why (a key too
+    long to echo shows its beginning; the reason says how long it was)."""
     return DeadLetter(kind=rejected.kind, reason=rejected.reason, source=source,
-                      key=key.decode("utf-8", "replace") if key else None,
+                      key=clip(key[:max_id_bytes + 4].decode("utf-8", "replace"), max_id_bytes) if key else None,
                       value_b64=DeadLetter.encode(value), size=len(value or b""),
                       session_id=rejected.session_id, batch_id=rejected.batch_id)
 
@@ -246,11 +332,18 @@ class BatchEvaluator:
     def __init__(self, policies: PolicySet, settings: WorkerSettings) -> None:
         self.policies = policies
         self.settings = settings
+        caps = MatchCaps(rule=settings.max_rule_matches, batch=settings.max_batch_matches)
+        # invariant-ai (the reference engine, rules the incremental one cannot compile) runs in
+        # processes that are killed at a check's deadline, when there are any
+        self.pool = IsolatedPool(settings.engine_processes) if settings.engine_processes else None
         # the reference engine's window, and the incremental engine's for rules it cannot compile
         self.engines: dict[str, Engine] = {
-            p.policy_id: make_engine(p, settings.engine, max_history=settings.reference_max_history)
+            p.policy_id: make_engine(p, settings.engine, max_history=settings.reference_max_history,
+                                     caps=caps, pool=self.pool)
             for p in policies.all()
         }
+        if self.pool is not None and self.pool.specs:
+            self.pool.start()  # now: the first check must not wait for its process
 
     def engine_names(self) -> str:
         return ",".join(sorted({e.name for e in self.engines.values()}))
@@ -259,8 +352,10 @@ class BatchEvaluator:
                              source: SourceRef | None) -> Outcome:
         """A Kafka record in, what to publish out: decoding, checking, and every failure in
         between ends as a dead letter and (when its ids can be read) a deny, never an exception."""
+        st = self.settings
         try:
-            batch = decode_batch(key, value, self.settings.max_record_bytes)
+            batch = decode_batch(key, value, st.max_record_bytes, max_events=st.max_batch_events,
+                                 max_id_bytes=st.max_id_bytes)
         except Rejected as rej:
             return await self._refused(store, rej, key, value, source)
         try:
@@ -273,7 +368,8 @@ class BatchEvaluator:
 
     async def _refused(self, store: SessionStore, rej: Rejected, key: bytes | None,
                        value: bytes | None, source: SourceRef | None) -> Outcome:
-        dead = dead_letter_for(rej, key, value, source or SourceRef(topic="", partition=-1, offset=-1))
+        dead = dead_letter_for(rej, key, value, source or SourceRef(topic="", partition=-1, offset=-1),
+                               self.settings.max_id_bytes)
         if not rej.addressable:
             return Outcome(None, dead_letter=dead)
         # its state lives on this partition only when the key is its session id: remember the deny
@@ -338,6 +434,7 @@ class BatchEvaluator:
 
         result = None
         reason = None
+        kind = None  # what failed; only a kind the operator chose may fail open
         budget = self.settings.budget_ms
         try:
             state = store.engine_state(head, policy.policy_id, engine.name, batch.session_id)
@@ -345,19 +442,22 @@ class BatchEvaluator:
             result = await engine.check(state, batch.trace(), deadline=deadline)
         except StateCorrupted as exc:
             log.error("%s", exc)
-            reason = f"the session's stored state is damaged: {exc}"
+            reason = clip(f"the session's stored state is damaged: {exc}", MAX_REASON_CHARS)
         except BudgetExceeded:
-            reason = f"{BUDGET_REASON} of {budget:g} ms"
+            reason, kind = f"{BUDGET_REASON} of {budget:g} ms", "timeout"
         except EngineError as exc:
-            reason = f"{ERROR_REASON}: {exc}"
+            # on input the schema accepted: an agent can choose to make the policy raise, so this
+            # allows only when the operator said so (fail_open_kinds), never with timeouts alone
+            reason, kind = clip(f"{ERROR_REASON}: {exc}", MAX_REASON_CHARS), "error"
         except Exception as exc:  # noqa: BLE001 - any failure of a check fails closed
             log.exception("policy check failed")
-            reason = f"{FAILED_REASON}: {type(exc).__name__}: {exc}"
+            reason = clip(f"{FAILED_REASON}: {type(exc).__name__}: {exc}", MAX_REASON_CHARS)
         eval_ms = (time.perf_counter() - started) * 1000.0
 
         if result is None:
-            decision = "deny" if self.settings.fail_closed else "allow"
-            verdict = Verdict(decision=decision, reason=reason, eval_ms=eval_ms, **fields)
+            st = self.settings
+            opens = not st.fail_closed and kind in st.fail_open_kinds
+            verdict = Verdict(decision="allow" if opens else "deny", reason=reason, eval_ms=eval_ms, **fields)
             return self._remember(store, head, verdict, events=n)
 
         violations = [Violation.from_match(m, batch.session_id, policy.sha256) for m in result.matches]
@@ -365,24 +465,39 @@ class BatchEvaluator:
         verdict = Verdict(decision="deny" if violations else "allow", violations=violations[:cap],
                           eval_ms=eval_ms, violations_omitted=max(0, len(violations) - cap), **fields)
         joins = joins_past(verdict, self.settings.keep_denied)
-        out = self._remember(
-            store, head, verdict, events=n,
-            policy_id=policy.policy_id if joins else None,
-            new_state=result.advance(state) if joins else None,
-            appended=result.appended if joins else None,
-        )
-        out.omitted, out.joined = tuple(violations[cap:]), joins
+        try:
+            new_state = result.advance(state) if joins else None
+            if new_state is not None and len(new_state.log) > self.settings.max_session_entries:
+                raise StateTooLarge(
+                    f"it would keep {len(new_state.log)} entries for policy {policy.policy_id!r}, over the "
+                    f"limit of {self.settings.max_session_entries} (--max-session-entries)")
+            out = self._remember(
+                store, head, verdict, events=n,
+                policy_id=policy.policy_id if joins else None, new_state=new_state,
+                appended=result.appended if joins else None,
+            )
+        except StateTooLarge as exc:
+            # fail closed, and the past stays as it was: a later batch is checked against it
+            verdict = Verdict(decision="deny", eval_ms=eval_ms, **fields, reason=(
+                f"{STATE_REASON}: {exc}; the batch is denied and does not join the session's past. "
+                "End the session (end_session) and start a new one, or raise the limit"))
+            return self._remember(store, head, verdict, events=n)
+        out.omitted, out.joined = out.omitted + tuple(violations[cap:]), joins
         return out
 
-    @staticmethod
-    def _remember(store: SessionStore, head: SessionHead, verdict: Verdict, seq: int | None = _SAME,
+    def _remember(self, store: SessionStore, head: SessionHead, verdict: Verdict, seq: int | None = _SAME,
                   events: int = 0, **state: Any) -> Outcome:
-        """Commit ``verdict`` (and, in ``state``, the session state it brings) for its batch."""
+        """Commit ``verdict`` (and, in ``state``, the session state it brings) for its batch; a
+        verdict too large for its topic is cut down first (the violations it leaves out go out
+        as alerts only)."""
         raw = verdict.model_dump_json().encode()
+        verdict, raw, left_out = fit_verdict(verdict, raw, self.settings.max_output_bytes)
         store.commit(verdict.session_id, head, verdict.batch_id, raw,
                      seq=verdict.seq if seq is _SAME else seq, **state)
-        return Outcome(verdict, events=events, verdict_json=raw)
+        return Outcome(verdict, events=events, verdict_json=raw, omitted=left_out)
 
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
+        if self.pool is not None:
+            self.pool.close()

@@ -26,14 +26,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from monitor.changelog import ChangelogTable
+from monitor.changelog import ChangelogTable, Send
 from monitor.config import WorkerSettings
 from monitor.core import BatchEvaluator, Outcome, failure_kind, short_validation
+from monitor.limits import alert_records, fit_dead_letter
 from monitor.metrics import WorkerMetrics
 from monitor.models import SourceRef
 from monitor.policy import PolicySet, load_policy_set
 from monitor.runtime import Runtime, RuntimeConfig, Sink, print_ready
-from monitor.state import HEAD_PREFIX, SessionStore
+from monitor.state import HEAD_PREFIX, SessionStore, StateTooLarge
 
 log = logging.getLogger("agent_monitor.worker")
 
@@ -77,6 +78,31 @@ class SessionClock:
         return sum(len(c) for c in self.parts.values())
 
 
+def state_record_guard(send: Send, limit: int) -> Send:
+    """``send`` (a changelog table's) refusing a record over ``limit`` bytes before the broker
+    would: :class:`StateTooLarge` then reaches the core, which denies the batch (the changelog
+    refusing it would stop the worker, and the record would stop it again after a restart).
+
+    >>> sent = []
+    >>> send = state_record_guard(lambda k, p, v: sent.append(k), 10)
+    >>> send("a", 0, b"12345"); send("b", 0, None)
+    >>> send("c", 0, b"x" * 11)
+    Traceback (most recent call last):
+    ...
+    monitor.state.StateTooLarge: a state record of 11 bytes, over the limit of 10 (--max-state-record-bytes)
+    >>> sent
+    ['a', 'b']
+    """
+
+    def guarded(key: str, partition: int, value: bytes | None) -> None:
+        if value is not None and len(value) > limit:
+            raise StateTooLarge(f"a state record of {len(value)} bytes, over the limit of {limit} "
+                                "(--max-state-record-bytes)")
+        send(key, partition, value)
+
+    return guarded
+
+
 class MonitorProcessor:
     """Publishes the core's outcomes; expires idle sessions."""
 
@@ -97,6 +123,7 @@ class MonitorProcessor:
         self.table = table
         self.runtime = runtime
         self.store = SessionStore(table, verdict_memory=self.settings.verdict_memory)
+        table.send = state_record_guard(table.send, self.settings.max_state_record_bytes)
 
     async def process(self, records: list[Any], sink: Sink) -> None:
         table, store, core, clock = self.table, self.store, self.core, self.clock
@@ -117,18 +144,23 @@ class MonitorProcessor:
 
     def publish(self, outcome: Outcome, key: bytes | None, sink: Sink) -> None:
         """The verdict, its alerts and the dead letter of one record, as the core decided them."""
-        metrics = self.metrics
+        metrics, settings = self.metrics, self.settings
         if outcome.dead_letter is not None:
-            sink.produce(self.topics.deadletter, key, outcome.dead_letter.model_dump_json().encode())
+            dead = outcome.dead_letter
+            # (its key: at most --max-id-bytes; a longer one was refused and is not echoed)
+            sink.produce(self.topics.deadletter, key if key is None or len(key) <= settings.max_id_bytes else None,
+                         fit_dead_letter(dead, dead.model_dump_json().encode(), settings.max_state_record_bytes))
             if metrics:
-                metrics.dead_letter(outcome.dead_letter.kind)
+                metrics.dead_letter(dead.kind)
         verdict = outcome.verdict
         if verdict is None:
             return
         vkey = verdict.session_id.encode()
+        # (the core fitted the verdict to --max-output-bytes; alerts are fitted here)
         sink.produce(self.topics.verdicts, vkey, outcome.verdict_json or verdict.model_dump_json().encode())
-        for alert in outcome.alerts():
-            sink.produce(self.topics.alerts, vkey, alert.model_dump_json().encode())
+        for alert, raw in alert_records(verdict, outcome.omitted, settings.max_batch_alerts,
+                                        settings.max_output_bytes):
+            sink.produce(self.topics.alerts, vkey, raw)
             if metrics:
                 metrics.alert_published(alert)
         if metrics:

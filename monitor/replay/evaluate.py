@@ -58,6 +58,9 @@ class ReplayEvaluator:
             verdict_memory=options.verdict_memory, max_record_bytes=max(1024, options.max_record_bytes),
             # no budget unless asked: a verdict must not depend on how busy the machine was
             budget_ms=options.budget_ms,
+            # invariant-ai on threads: with no budget nothing is to be stopped, and replay runs
+            # its shards in processes already
+            engine_processes=0,
         )
         self.worker = BatchEvaluator(policies, self.settings)
         self.table: dict[str, Any] = {}
