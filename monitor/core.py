@@ -120,20 +120,47 @@ def too_long(text: str, limit: int) -> bool:
     return len(text.encode("utf-8", "surrogatepass")) > limit
 
 
-class _IntDigits:
-    """A ``parse_int`` for ``json.loads`` that notes integers too long to convert (0 stands in)."""
+class HugeInt:
+    """What stands in for an integer too long to convert (see :class:`IntDigits`)."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+class IntDigits:
+    """A ``parse_int`` for ``json.loads`` that notes integers too long to convert; a
+    :class:`HugeInt` stands in for each, so that the rest (the ids) can still be read.
+
+    >>> digits = IntDigits()
+    >>> doc = json.loads('{"batch_id": "b", "n": 1%s}' % ("0" * 5000), parse_int=digits)
+    >>> doc["batch_id"], digits.longest, huge_int_in(doc)
+    ('b', 5001, 5001)
+    """
 
     __slots__ = ("longest",)
 
     def __init__(self) -> None:
         self.longest = 0
 
-    def __call__(self, text: str) -> int:
+    def __call__(self, text: str) -> int | HugeInt:
         digits = len(text) - (text[:1] == "-")
         if digits > INT_DIGITS:
             self.longest = max(self.longest, digits)
-            return 0
+            return HugeInt(digits)
         return int(text)
+
+
+def huge_int_in(value: Any) -> int:
+    """The digits of the longest :class:`HugeInt` in a parsed JSON value (0: none)."""
+    if type(value) is HugeInt:
+        return value.digits
+    if type(value) is dict:
+        return max(map(huge_int_in, value.values()), default=0)
+    if type(value) is list:
+        return max(map(huge_int_in, value), default=0)
+    return 0
 
 
 def huge_int_reason(digits: int) -> str:
@@ -193,10 +220,12 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *, keye
         # every text it accepts (numbers included)
         data = from_json(value, cache_strings=False)
     except ValueError:
-        digits = _IntDigits()
+        digits = IntDigits()
         try:  # json decides the rest (it also takes a BOM and UTF-16) and words the error
             data = json.loads(value, parse_int=digits)
-            unicode_ok = is_unicode(data)  # it also takes lone surrogates, which no JSON out can carry
+            # it also takes lone surrogates, which no JSON out can carry (a record with a huge
+            # integer is refused for that, once its ids are checked on their own)
+            unicode_ok = not digits.longest and is_unicode(data)
         except RecursionError:
             data = ValueError(TOO_DEEP)
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError

@@ -20,12 +20,12 @@ Example::
 
     >>> from monitor.models import Verdict, Violation
     >>> big = Violation(alert_id="a", rule_index=0, message="x" * 5000, key="(0, (1,))")
-    >>> v = Verdict(session_id="s", batch_id="b", decision="deny", violations=[big] * 3)
+    >>> v = Verdict(session_id="s", batch_id="b", decision="deny", violations=[big] * 10)
     >>> fitted, raw, left_out = fit_verdict(v, v.model_dump_json().encode(), 4096)
     >>> fitted.decision, len(raw) <= 4096, len(fitted.violations), len(left_out)
-    ('deny', True, 0, 3)
+    ('deny', True, 0, 10)
     >>> fitted.reason.split(":")[0]
-    'the verdict was 15549 bytes, over the limit of 4096 (--max-output-bytes)'
+    'the verdict was 51338 bytes, over the limit of 4096 (--max-output-bytes)'
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from monitor.changelog import ChangelogTable, Send
 from monitor.config import WorkerSettings
-from monitor.core import BatchEvaluator, Outcome, failure_kind, short_validation
+from monitor.core import BatchEvaluator, Outcome, Rejected, dead_letter_for, failure_kind, short_validation
 from monitor.limits import alert_records, fit_dead_letter
 from monitor.metrics import WorkerMetrics
 from monitor.models import SourceRef
@@ -133,8 +133,15 @@ class MonitorProcessor:
         for m in records:
             p = m.partition()
             table.use(p)
-            outcome = await core.process_record(store, m.key(), m.value(),
-                                                SourceRef(topic=topic, partition=p, offset=m.offset()))
+            source = SourceRef(topic=topic, partition=p, offset=m.offset())
+            try:
+                outcome = await core.process_record(store, m.key(), m.value(), source)
+            except Exception as exc:  # noqa: BLE001 - the core answers every record; if it ever
+                # fails, the record still costs only itself: a dead letter, and the partition goes on
+                log.exception("the core failed on %s", source)
+                outcome = Outcome(None, dead_letter=dead_letter_for(
+                    Rejected("internal", f"the worker failed on this record: {type(exc).__name__}: {exc}"),
+                    m.key(), m.value(), source, self.settings.max_id_bytes))
             self.publish(outcome, m.key(), sink)
             if outcome.verdict is not None and outcome.new:
                 if outcome.ended:
