@@ -28,7 +28,7 @@ from monitor.api.cli import register_cli as register_serve
 from monitor.cli_options import CliError, bootstrap_of, kafka_args, prefix_of
 from monitor.config import FAIL_OPEN_KINDS, WorkerSettings
 from monitor.core import short_validation
-from monitor.console import make_console, render_record, render_verdict
+from monitor.console import make_console, printable_json, render_record, render_verdict
 from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MonitorError
 from monitor.policy import parse_policies
 from monitor.replay.cli import register_cli as register_replay
@@ -136,7 +136,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
             problem = expectations[i].matches_verdict(verdict) if expectations else None
             failed += problem is not None
             if args.json:
-                print(verdict.model_dump_json())
+                print(printable_json(verdict.model_dump_json()))
             else:
                 console.print(render_verdict(verdict, problem=problem, expected=bool(expectations)))
     if not args.json:
@@ -170,7 +170,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
             print(f"tailing {records.topic} from {start} (Ctrl-C stops)", file=sys.stderr)
         for record in records:
             if args.json:
-                print(record.model_dump_json(), flush=True)
+                print(printable_json(record.model_dump_json()), flush=True)
             else:
                 console.print(render_record(record))
         if records.skipped:

@@ -286,6 +286,7 @@ def run_worker(settings: WorkerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m monitor.worker SETTINGS_JSON``: run a worker from serialised settings."""
+    from monitor.metrics import MetricsExposed
     from monitor.policy import PolicyLoadError
 
     args = sys.argv[1:] if argv is None else argv
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run_worker(settings)
-    except PolicyLoadError as exc:
+    except (PolicyLoadError, MetricsExposed) as exc:
         print(f"agent-monitor: refusing to start: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -42,6 +42,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from monitor.engine.base import BudgetExceeded, EngineError
+from monitor.engine.support import error_kwargs, error_message  # (and its warning filter)
 from monitor.errors import MonitorError
 from monitor.policy import LoadedPolicy
 
@@ -107,8 +108,6 @@ def _preload() -> None:
 
 
 def _error_record(err: Any) -> tuple[str, list[str], dict[str, Any], list[str]]:
-    from monitor.engine.support import error_kwargs, error_message
-
     return (str(err.key), [error_message(err)], error_kwargs(err), [r.json_path for r in err.ranges])
 
 

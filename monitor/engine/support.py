@@ -14,6 +14,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Coroutine
 from concurrent.futures import Future
 from typing import Any
@@ -24,6 +25,11 @@ from monitor.models import Match
 
 # The time budget, not an iteration count, bounds a check (invariant-ai reads this when it runs).
 os.environ.setdefault("INVARIANT_MAX_ITERATIONS", str(10**12))
+
+# invariant-ai warns with the whole event when one does not parse: an agent's event (up to a
+# megabyte, terminal escapes and all) in the worker's log for every such record. The verdict's
+# reason says it already.
+warnings.filterwarnings("ignore", message="Could not parse event in the trace", category=UserWarning)
 
 # events of the past the reference engine sees (and the incremental engine's uncompiled rules)
 DEFAULT_MAX_HISTORY = 2000
