@@ -299,11 +299,6 @@ def dead_letter_for(rejected: Rejected, key: bytes | None, value: bytes | None,
                       session_id=rejected.session_id, batch_id=rejected.batch_id)
 
 
-def alerts_for(verdict: Verdict, omitted: tuple[Violation, ...] = ()) -> list[Alert]:
-    """One alert per violation of a verdict, those past its cap included."""
-    return [Alert.from_violation(v, verdict) for v in (*verdict.violations, *omitted)]
-
-
 def joins_past(verdict: Verdict, keep_denied: bool) -> bool:
     """Whether a checked batch joins its session's past: allowed, or denied with ``keep_denied``.
 
@@ -333,13 +328,22 @@ class Outcome:
     dead_letter: DeadLetter | None = None
     events: int = 0  # events in the batch (0 for a refused record)
     ended: bool = False  # an end_session batch: the session's state is gone
+    # the verdict's violations as they were before it was cut to fit its topic (alerts carry
+    # them whole); empty when it was not cut
+    cut: tuple[Violation, ...] = ()
+
+    def alerted(self) -> list[Violation]:
+        """Every violation of the batch, whole, in order: one alert each."""
+        if self.verdict is None:
+            return []
+        return [*(self.cut or self.verdict.violations), *self.omitted]
 
     def alerts(self) -> list[Alert]:
         """The alerts to publish: one per violation. A repeated verdict sends its alerts again
         (the first sending may be what a crash cut short); their ids show them as repeats."""
         if self.verdict is None:
             return []
-        return alerts_for(self.verdict, self.omitted)
+        return [Alert.from_violation(v, self.verdict) for v in self.alerted()]
 
 
 _SAME: Any = object()
@@ -511,19 +515,18 @@ class BatchEvaluator:
                 f"{STATE_REASON}: {exc}; the batch is denied and does not join the session's past. "
                 "End the session (end_session) and start a new one, or raise the limit"))
             return self._remember(store, head, verdict, events=n)
-        out.omitted, out.joined = out.omitted + tuple(violations[cap:]), joins
+        out.omitted, out.joined = tuple(violations[cap:]), joins
         return out
 
     def _remember(self, store: SessionStore, head: SessionHead, verdict: Verdict, seq: int | None = _SAME,
                   events: int = 0, **state: Any) -> Outcome:
         """Commit ``verdict`` (and, in ``state``, the session state it brings) for its batch; a
-        verdict too large for its topic is cut down first (the violations it leaves out go out
-        as alerts only)."""
+        verdict too large for its topic is cut down first (its alerts carry the violations whole)."""
         raw = verdict.model_dump_json().encode()
-        verdict, raw, left_out = fit_verdict(verdict, raw, self.settings.max_output_bytes)
+        verdict, raw, whole = fit_verdict(verdict, raw, self.settings.max_output_bytes)
         store.commit(verdict.session_id, head, verdict.batch_id, raw,
                      seq=verdict.seq if seq is _SAME else seq, **state)
-        return Outcome(verdict, events=events, verdict_json=raw, omitted=left_out)
+        return Outcome(verdict, events=events, verdict_json=raw, cut=whole)
 
     def close(self) -> None:
         for engine in self.engines.values():

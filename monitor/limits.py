@@ -21,8 +21,8 @@ Example::
     >>> from monitor.models import Verdict, Violation
     >>> big = Violation(alert_id="a", rule_index=0, message="x" * 5000, key="(0, (1,))")
     >>> v = Verdict(session_id="s", batch_id="b", decision="deny", violations=[big] * 10)
-    >>> fitted, raw, left_out = fit_verdict(v, v.model_dump_json().encode(), 4096)
-    >>> fitted.decision, len(raw) <= 4096, len(fitted.violations), len(left_out)
+    >>> fitted, raw, whole = fit_verdict(v, v.model_dump_json().encode(), 4096)
+    >>> fitted.decision, len(raw) <= 4096, len(fitted.violations), len(whole)
     ('deny', True, 0, 10)
     >>> fitted.reason.split(":")[0]
     'the verdict was 51338 bytes, over the limit of 4096 (--max-output-bytes)'
@@ -31,7 +31,7 @@ Example::
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from monitor.models import Alert, DeadLetter, Match, Severity, Verdict, Violation, make_alert_id
 
@@ -106,12 +106,12 @@ def _slim(v: Violation) -> Violation:
 
 def fit_verdict(verdict: Verdict, raw: bytes, limit: int) -> tuple[Verdict, bytes, tuple[Violation, ...]]:
     """``verdict`` (serialised as ``raw``) if it fits in ``limit`` bytes; else a smaller valid
-    verdict with the same decision whose ``reason`` says why, and the violations it leaves out
-    (they still go out as alerts, and ``violations_omitted`` counts them).
+    verdict with the same decision whose ``reason`` says why, and its violations as they were
+    (their alerts carry them whole; ``()`` when nothing was cut).
 
     First the violations lose their kwargs and long messages; if that is not enough, the
-    verdict lists none. Ids are bounded (``--max-id-bytes``) and reasons clipped, so the smallest
-    verdict always fits in 4,096 bytes.
+    verdict lists none (``violations_omitted`` counts them). Ids are bounded (``--max-id-bytes``)
+    and reasons clipped, so the smallest verdict always fits in 4,096 bytes.
     """
     if len(raw) <= limit:
         return verdict, raw, ()
@@ -122,7 +122,7 @@ def fit_verdict(verdict: Verdict, raw: bytes, limit: int) -> tuple[Verdict, byte
         "reason": f"{note}: violations shortened (their alerts carry them whole){prior}"})
     out = slim.model_dump_json().encode()
     if len(out) <= limit:
-        return slim, out, ()
+        return slim, out, tuple(verdict.violations)
     bare = verdict.model_copy(update={
         "violations": [], "violations_omitted": verdict.violations_omitted + len(verdict.violations),
         "reason": f"{note}: its violations are left out (each still has its alert){prior}"})
@@ -159,18 +159,18 @@ def _summary_alert(verdict: Verdict, rest: Sequence[Violation], limit: int) -> A
                  raised_at=verdict.evaluated_at, source=verdict.source)
 
 
-def alert_records(verdict: Verdict, omitted: Iterable[Violation], max_alerts: int,
+def alert_records(verdict: Verdict, violations: Sequence[Violation], max_alerts: int,
                   max_bytes: int) -> list[tuple[Alert, bytes]]:
-    """The alerts to publish for a verdict, serialised: one per violation (those past the
-    verdict's cap included), at most ``max_alerts`` (the last one then sums up the rest), each
-    within ``max_bytes``.
+    """The alerts to publish for a verdict, serialised: one per violation of ``violations`` (all
+    of the batch's: those the verdict lists, or listed before it was cut to fit, and those past
+    its cap), at most ``max_alerts`` (the last one then sums up the rest), each within
+    ``max_bytes``.
 
     >>> vs = [Violation(alert_id=str(i), rule_index=1, message="m", key=str(i)) for i in range(5)]
     >>> v = Verdict(session_id="s", batch_id="b", decision="deny", violations=vs)
-    >>> [a.message for a, _ in alert_records(v, (), 3, 10_000)][-1]
+    >>> [a.message for a, _ in alert_records(v, vs, 3, 10_000)][-1]
     '3 more violations of rule 1 in this batch, not sent one by one (--max-batch-alerts 3)'
     """
-    violations = [*verdict.violations, *omitted]
     listed = violations if len(violations) <= max_alerts else violations[:max_alerts - 1]
     out = []
     for v in listed:

@@ -345,7 +345,7 @@ def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT,
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         allow_reuse_address = True
-        request_queue_size = max_connections
+        request_queue_size = 128  # waiting in the kernel's queue costs no thread
 
         def process_request(self, request: Any, client_address: Any) -> None:
             if not slots.acquire(blocking=False):

@@ -165,7 +165,7 @@ class MonitorProcessor:
         vkey = verdict.session_id.encode()
         # (the core fitted the verdict to --max-output-bytes; alerts are fitted here)
         sink.produce(self.topics.verdicts, vkey, outcome.verdict_json or verdict.model_dump_json().encode())
-        for alert, raw in alert_records(verdict, outcome.omitted, settings.max_batch_alerts,
+        for alert, raw in alert_records(verdict, outcome.alerted(), settings.max_batch_alerts,
                                         settings.max_output_bytes):
             sink.produce(self.topics.alerts, vkey, raw)
             if metrics:

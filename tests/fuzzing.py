@@ -245,7 +245,7 @@ def fuzz(n: int, seed: int = 11, engine: str = "incremental", budget_ms: float =
                     raw = out.verdict_json or out.verdict.model_dump_json().encode()
                     if len(raw) > out_limit:
                         problems.append(f"a verdict of {len(raw)} bytes")
-                    alerts = alert_records(out.verdict, out.omitted, settings.max_batch_alerts, out_limit)
+                    alerts = alert_records(out.verdict, out.alerted(), settings.max_batch_alerts, out_limit)
                     if len(alerts) > settings.max_batch_alerts or any(len(a) > out_limit for _, a in alerts):
                         problems.append("alerts over their limits")
                     reason = out.verdict.reason or ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from monitor.config import TopicNames, WorkerSettings
-from monitor.limits import alert_records, fit_verdict
+from monitor.limits import alert_records
 from monitor.models import Verdict, Violation
 from monitor.replay.request import ReplayError
 
@@ -28,16 +28,16 @@ class Publisher:
         self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                                   "partitioner": "murmur2_random"})
 
-    def send(self, verdict: Verdict, omitted: tuple[Violation, ...] = ()) -> None:
-        """What the worker publishes for a batch: its verdict (a repeat: the stored one) and an
-        alert per violation, those past the verdict's cap included."""
+    def send(self, verdict: Verdict, violations: list[Violation] | None = None) -> None:
+        """What the worker publishes for a batch: its verdict (a repeat: the stored one; the core
+        fitted it to its topic already) and an alert per violation of ``violations`` (default:
+        the verdict's), within the worker's limits."""
         key = verdict.session_id.encode()
-        raw = verdict.model_dump_json().encode()
-        verdict, raw, left_out = fit_verdict(verdict, raw, self.limits.max_output_bytes)
-        self._produce(self.topics.verdicts, key, raw)
-        for _alert, alert_raw in alert_records(verdict, left_out + tuple(omitted), self.limits.max_batch_alerts,
-                                               self.limits.max_output_bytes):
-            self._produce(self.topics.alerts, key, alert_raw)
+        self._produce(self.topics.verdicts, key, verdict.model_dump_json().encode())
+        alerted = verdict.violations if violations is None else violations
+        for _alert, raw in alert_records(verdict, alerted, self.limits.max_batch_alerts,
+                                         self.limits.max_output_bytes):
+            self._produce(self.topics.alerts, key, raw)
 
     def _produce(self, topic: str, key: bytes, value: bytes) -> None:
         while True:
