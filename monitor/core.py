@@ -234,9 +234,12 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *, keye
     sid = data.get("session_id") if isinstance(data, dict) else None
     bid = data.get("batch_id") if isinstance(data, dict) else None
     # (ids from_json read are Unicode already: only json's may hold a lone surrogate); an id too
-    # long to echo is no id
-    long_id = next((name for name, v in (("session_id", sid), ("batch_id", bid))
-                    if isinstance(v, str) and too_long(v, max_id_bytes)), None)
+    # long to echo is no id. (4 bytes per character at most: short ids are not measured.)
+    long_id = None
+    if type(sid) is str and len(sid) * 4 > max_id_bytes and too_long(sid, max_id_bytes):
+        long_id = "session_id"
+    elif type(bid) is str and len(bid) * 4 > max_id_bytes and too_long(bid, max_id_bytes):
+        long_id = "batch_id"
     sid = sid if isinstance(sid, str) and sid and long_id != "session_id" and (
         unicode_ok or is_unicode(sid)) else key_text
     bid = bid if isinstance(bid, str) and bid and long_id != "batch_id" and (
@@ -254,7 +257,7 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *, keye
     if not unicode_ok:
         raise Rejected("invalid", LONE_SURROGATE, sid, bid)
     policy = data.get("policy")
-    if long_id is None and isinstance(policy, str) and too_long(policy, max_id_bytes):
+    if long_id is None and type(policy) is str and len(policy) * 4 > max_id_bytes and too_long(policy, max_id_bytes):
         long_id = "policy"
     if long_id is not None:
         raise Rejected("invalid", f"the {long_id} is over the limit of {max_id_bytes} bytes "

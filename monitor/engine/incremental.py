@@ -299,7 +299,7 @@ class IncrementalEngine(Engine):
             for v, keep in enumerate(rule.keep):
                 if keep is None:
                     recs = sorted(new_recs[v] + new_witnesses[v], key=lambda r: r["f"])
-                    if v in bounded:
+                    if recs and v in bounded:
                         recs = _dominated_dropped(old.get((rule.index, v), []), recs, caps.rule + 1)
                     for rec in recs:
                         appended.append({"t": "c", "r": rule.index, "v": v, **rec})
