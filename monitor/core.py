@@ -10,7 +10,7 @@ them repeats a rule of it.
 Example::
 
     >>> import asyncio
-    >>> from monitor.config import DEFAULT_MAX_BATCH_EVENTS, DEFAULT_MAX_ID_BYTES, WorkerSettings
+    >>> from monitor.config import WorkerSettings
     >>> from monitor.core import BatchEvaluator
     >>> from monitor.policy import PolicySet, load_policy_text
     >>> from monitor.state import SessionStore
@@ -164,8 +164,11 @@ def huge_int_in(value: Any) -> int:
 
 
 def huge_int_reason(digits: int) -> str:
+    """Why a record holding an integer of ``digits`` digits is refused."""
     return (f"the record holds an integer of {digits} digits: at most {INT_DIGITS} digits are "
             "accepted (longer ones take quadratic time to convert, so Python refuses them)")
+
+
 LONE_SURROGATE = ("the record holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): "
                   "not Unicode text, so no verdict or report could quote it")
 
@@ -514,10 +517,10 @@ class BatchEvaluator:
             )
         except StateTooLarge as exc:
             # fail closed, and the past stays as it was: a later batch is checked against it
-            verdict = Verdict(decision="deny", eval_ms=eval_ms, **fields, reason=(
+            verdict = verdict.model_copy(update={"decision": "deny", "reason": (
                 f"{STATE_REASON}: {exc}; the batch is denied and does not join the session's past. "
-                "End the session (end_session) and start a new one, or raise the limit"))
-            return self._remember(store, head, verdict, events=n)
+                "End the session (end_session) and start a new one, or raise the limit")})
+            out, joins = self._remember(store, head, verdict, events=n), False
         out.omitted, out.joined = tuple(violations[cap:]), joins
         return out
 
