@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars browser prometheus docker-tools images test-containers demo test test-unit bench-engine bench-live chaos bench-replay bench-replay-instructions bench-http serve broker-start broker-stop clean
+.PHONY: install jars browser prometheus docker-tools images test-containers demo test test-unit fuzz bench-engine bench-live chaos bench-replay bench-replay-instructions bench-http serve broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -50,6 +50,10 @@ test: jars browser prometheus
 
 test-unit: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q -m 'not integration'
+
+# 100,000 seeded hostile records through decoding and evaluation: bench/results/fuzz.json
+fuzz: $(STAMP)
+	$(BIN)/python bench/fuzz.py
 
 bench-engine: $(STAMP)
 	$(BIN)/python bench/engine.py

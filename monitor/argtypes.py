@@ -68,3 +68,25 @@ def metrics_url(text: str) -> str:
         return parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def kinds_of(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """A comma-separated list of some of ``allowed`` (``timeout,error``).
+
+    >>> kinds_of(("timeout", "error"))("error, timeout")
+    ['error', 'timeout']
+    >>> kinds_of(("timeout", "error"))("all")
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected some of timeout, error (comma-separated), got 'all'
+    """
+
+    def parse(text: str) -> list[str]:
+        got = [k.strip() for k in text.split(",") if k.strip()]
+        if not got or any(k not in allowed for k in got):
+            raise argparse.ArgumentTypeError(f"expected some of {', '.join(allowed)} (comma-separated), "
+                                             f"got {text!r}")
+        return got
+
+    parse.__name__ = "kinds"
+    return parse

@@ -21,11 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from monitor.argtypes import host_ports, int_at_least, metrics_url, non_negative_float, port, positive_float
-from monitor.api.cli import register_cli as register_serve
+from pydantic import ValidationError
+
 from monitor import sandbox, signing
+from monitor.argtypes import host_ports, int_at_least, kinds_of, metrics_url, non_negative_float, port, positive_float
+from monitor.api.cli import register_cli as register_serve
 from monitor.cli_options import CliError, allow_import_arg, bootstrap_of, kafka_args, prefix_of
-from monitor.console import make_console, render_record, render_verdict
+from monitor.config import FAIL_OPEN_KINDS, WorkerSettings
+from monitor.core import short_validation
+from monitor.console import make_console, printable_json, render_record, render_verdict
 from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MonitorError
 from monitor.policy import parse_policies
 from monitor.registry_cli import register_cli as register_registry
@@ -37,7 +41,6 @@ from monitor.samples import read_batches
 
 def cmd_run(args: argparse.Namespace) -> int:
     from monitor.client import wait_for_broker
-    from monitor.config import WorkerSettings
 
     # refuse a bad policy before touching Kafka (the worker loads the full policy set itself)
     sandbox.set_allowed_imports(args.allow_import or [])
@@ -49,22 +52,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key in args.policy_public_key or []:
         signing.load_public_key(key)  # a bad key file stops here, before Kafka
     bootstrap = bootstrap_of(args)
-    wait_for_broker(bootstrap, args.connect_timeout)
     fields: dict[str, Any] = {
         "bootstrap_servers": bootstrap, "topic_prefix": prefix_of(args), "policy_path": args.policy,
         "policy_registry": args.policy_registry, "policy_public_keys": args.policy_public_key or [],
         "default_policy": args.default_policy,
         "group_id": args.group_id, "engine": args.engine, "partitions": args.partitions,
-        "budget_ms": args.budget_ms, "fail_closed": not args.fail_open, "keep_denied": args.keep_denied,
+        "budget_ms": args.budget_ms, "fail_closed": args.fail_open is None, "fail_open_kinds": args.fail_open,
+        "keep_denied": args.keep_denied,
         "metrics_port": args.metrics_port, "guarantee": args.guarantee,
         "commit_interval_ms": args.commit_interval_ms, "worker_id": args.worker_id, "log_level": args.log_level,
         "max_record_bytes": args.max_record_bytes, "create_topics": not args.no_create_topics,
         "max_verdict_violations": args.max_verdict_violations, "verdict_memory": args.verdict_memory,
         "reference_max_history": args.history, "allow_imports": args.allow_import or [],
+        **{name: getattr(args, name) for name in LIMIT_FLAGS},
     }
     if args.session_ttl is not None:
         fields["session_ttl_s"] = None if args.session_ttl == 0 else args.session_ttl
-    settings = WorkerSettings(**{k: v for k, v in fields.items() if v is not None})
+    try:
+        settings = WorkerSettings(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:  # a limit out of its range (--max-output-bytes 2000000)
+        raise CliError(f"run: {short_validation(exc)}") from None
+    wait_for_broker(bootstrap, args.connect_timeout)
     served = ", ".join(p.policy_id for p in policies) or f"the policies of {settings.topics.policies}"
     print(f"agent-monitor: serving {served} on {settings.topics.events} at {bootstrap} "
           f"({settings.engine} engine)", file=sys.stderr)
@@ -140,7 +148,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
             problem = expectations[i].matches_verdict(verdict) if expectations else None
             failed += problem is not None
             if args.json:
-                print(verdict.model_dump_json())
+                print(printable_json(verdict.model_dump_json()))
             else:
                 console.print(render_verdict(verdict, problem=problem, expected=bool(expectations)))
     if not args.json:
@@ -174,7 +182,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
             print(f"tailing {records.topic} from {start} (Ctrl-C stops)", file=sys.stderr)
         for record in records:
             if args.json:
-                print(record.model_dump_json(), flush=True)
+                print(printable_json(record.model_dump_json()), flush=True)
             else:
                 console.print(render_record(record))
         if records.skipped:
@@ -293,6 +301,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# agent-monitor run's limit flags: WorkerSettings field -> (metavar, lowest value, help)
+LIMIT_FLAGS: dict[str, tuple[str, int, str]] = {
+    "max_batch_events": ("N", 1, "events in one batch; a larger batch is refused (deny + dead letter)"),
+    "max_id_bytes": ("BYTES", 16, "UTF-8 bytes of a session, batch or policy id and of a record key; "
+                                  "longer ones are refused, never echoed"),
+    "max_rule_matches": ("N", 1, "violations of one rule in one batch; past it matching stops and one "
+                                 "summary violation says there are more"),
+    "max_batch_matches": ("N", 1, "violations of all rules in one batch; past it matching stops"),
+    "max_batch_alerts": ("N", 1, "alerts published for one batch; the rest are summed up in one alert"),
+    "max_session_entries": ("N", 1, "state entries a session keeps per policy; a batch that would go past "
+                                    "it is denied and does not join the past"),
+    "max_output_bytes": ("BYTES", 4096, "bytes of a verdict or alert record; a larger one is cut down "
+                                        "to a valid smaller one that says why"),
+    "max_state_record_bytes": ("BYTES", 4096, "bytes of a state or dead-letter record; a batch whose "
+                                              "state needs a larger one is denied"),
+    "engine_processes": ("N", 0, "processes running invariant-ai (reference engine, uncompiled rules), "
+                                 "killed at a check's budget; 0 = threads that cannot be stopped"),
+}
+
+
 def _add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="run a monitor worker (blocks; stops on SIGTERM/Ctrl-C)",
                        description="Run a monitor worker: consume <prefix>.events, publish verdicts and alerts.")
@@ -314,8 +342,11 @@ def _add_run(sub: Any) -> None:
     p.add_argument("--partitions", type=int_at_least(1), metavar="N",
                    help="partitions of the events topic when the worker creates it (default 12)")
     p.add_argument("--budget-ms", type=positive_float, metavar="MS", help="time budget of one batch (default 5000)")
-    p.add_argument("--fail-open", action="store_true",
-                   help="allow (instead of deny) a batch whose policy errors or overruns its budget")
+    p.add_argument("--fail-open", nargs="?", const=["timeout"], type=kinds_of(FAIL_OPEN_KINDS), metavar="KINDS",
+                   help="allow (instead of deny) a batch whose check failed in one of KINDS: timeout (it "
+                        "overran its budget; the default) and/or error (the policy raised on a batch the "
+                        "schema accepts, which an agent can bring about on purpose), e.g. --fail-open "
+                        "timeout,error. Refused records, damaged or oversized state always deny")
     p.add_argument("--keep-denied", action="store_true", help="denied batches join the session's past")
     p.add_argument("--max-record-bytes", type=int_at_least(1024), metavar="BYTES",
                    help="larger records are dead-lettered (default 1000000)")
@@ -329,6 +360,11 @@ def _add_run(sub: Any) -> None:
                         "compile) see; with --policy-registry also the events each session keeps so that a "
                         "new policy version rebuilds its past (default 2000)")
     allow_import_arg(p)
+    limits = p.add_argument_group("limits", "what one record may cost (README: Limits)")
+    for name, (metavar, low, text) in LIMIT_FLAGS.items():
+        default = WorkerSettings.model_fields[name].default
+        limits.add_argument("--" + name.replace("_", "-"), type=int_at_least(low), metavar=metavar,
+                            help=f"{text} (default {default})")
     p.add_argument("--metrics-port", type=port, metavar="PORT", help="serve Prometheus /metrics on this port")
     p.add_argument("--guarantee", choices=["at-least-once", "exactly-once"],
                    help="at-least-once (default): a verdict goes out as soon as it is decided, a crash "

@@ -19,6 +19,11 @@ from pydantic import BaseModel, Field, model_validator
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 DEFAULT_PREFIX = "agent"
+DEFAULT_MAX_BATCH_EVENTS = 2000
+DEFAULT_MAX_ID_BYTES = 512
+
+FailOpenKind = Literal["timeout", "error"]
+FAIL_OPEN_KINDS: tuple[str, ...] = ("timeout", "error")
 
 
 def env_bootstrap(default: str = DEFAULT_BOOTSTRAP) -> str:
@@ -78,6 +83,35 @@ class WorkerSettings(BaseModel):
     reference_max_history: int = Field(default=2000, ge=1)
     allow_imports: list[str] = Field(default_factory=list, description=(
         "modules or names policies may import beyond invariant's builtins and detectors (the sandbox)"))
+    # -- what one record may cost (README "Limits"): every check is O(1) on the live path
+    max_batch_events: int = Field(default=DEFAULT_MAX_BATCH_EVENTS, ge=1, description=(
+        "events in one batch; a batch with more is refused (deny + dead letter)"))
+    max_id_bytes: int = Field(default=DEFAULT_MAX_ID_BYTES, ge=16, le=2048, description=(
+        "UTF-8 bytes of a session id, batch id, policy id or record key (every field a verdict or "
+        "dead letter echoes); a longer one is refused, never echoed"))
+    max_rule_matches: int = Field(default=100, ge=1, description=(
+        "violations of one rule in one batch; past it matching stops and one summary violation "
+        "says there are more (the batch is denied)"))
+    max_batch_matches: int = Field(default=1000, ge=1, description=(
+        "violations of all rules in one batch; past it matching stops, as for max_rule_matches"))
+    max_batch_alerts: int = Field(default=1000, ge=1, description=(
+        "alerts published for one batch; the rest are counted in one summary alert"))
+    max_session_entries: int = Field(default=10_000, ge=1, description=(
+        "state entries one session may keep per policy; a batch that would go past it is denied "
+        "and does not join the past (the reason says so)"))
+    max_output_bytes: int = Field(default=1_000_000, ge=4096, le=1_048_000, description=(
+        "bytes of one verdict or alert record (the topics take 1,048,588); a larger one is cut "
+        "down to a smaller valid record that keeps its decision and says why"))
+    max_state_record_bytes: int = Field(default=2_000_000, ge=4096, le=2_097_000, description=(
+        "bytes of one state (changelog) or dead-letter record (the topics take 2 MiB); a batch "
+        "whose state would need a larger one is denied and does not join the past"))
+    fail_open_kinds: list[FailOpenKind] = Field(default_factory=lambda: ["timeout"], description=(
+        "with fail_closed=False, the kinds of failed check that allow: timeout (the budget ran "
+        "out), error (the policy raised on a batch the schema accepts: input can choose that)"))
+    engine_processes: int = Field(default=2, ge=0, description=(
+        "processes that run the reference engine and uncompiled rules, killed and replaced when a "
+        "check overruns its budget; 0: threads in the worker (a check past its budget is "
+        "abandoned but keeps running)"))
     guarantee: Literal["at-least-once", "exactly-once"] = Field(default="at-least-once", description=(
         "at-least-once: verdicts go out at once, a crash may repeat one; exactly-once: verdicts, "
         "alerts, state and offsets commit in one Kafka transaction"))

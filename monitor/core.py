@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,18 +44,21 @@ from pydantic import ValidationError
 from pydantic_core import from_json
 
 from monitor import sandbox
-from monitor.config import WorkerSettings
-from monitor.engine import BudgetExceeded, CheckResult, Engine, EngineError, SessionState, make_engine
+from monitor.config import DEFAULT_MAX_BATCH_EVENTS, DEFAULT_MAX_ID_BYTES, WorkerSettings
+from monitor.engine import BudgetExceeded, CheckResult, Engine, EngineError, MatchCaps, SessionState, make_engine
+from monitor.engine.isolation import IsolatedPool
 from monitor.errors import MonitorError
+from monitor.limits import fit_verdict
 from monitor.models import Action, Alert, DeadLetter, EventBatch, ShadowVerdict, SourceRef, Verdict, Violation
 from monitor.policy import LoadedPolicy, PolicySet
-from monitor.state import SessionHead, SessionStore, StateCorrupted
+from monitor.state import SessionHead, SessionStore, StateCorrupted, StateTooLarge
 
 log = logging.getLogger("agent_monitor.core")
 
 BUDGET_REASON = "the policy check exceeded its time budget"
 ERROR_REASON = "the policy raised an error"
 FAILED_REASON = "the policy check failed"
+STATE_REASON = "the session's state is over its limit"
 FAILURE_PREFIXES = (BUDGET_REASON, ERROR_REASON, FAILED_REASON)
 
 
@@ -63,6 +67,7 @@ class Rejected(MonitorError):
 
     def __init__(self, kind: str, reason: str, session_id: str | None = None,
                  batch_id: str | None = None) -> None:
+        reason = clip(reason, MAX_REASON_CHARS)  # a reason may quote input: never unbounded
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
@@ -86,6 +91,85 @@ def short_validation(exc: ValidationError, limit: int = 5) -> str:
 
 
 TOO_DEEP = "it is nested too deeply"
+MAX_REASON_CHARS = 2000  # a reason that quotes input (an error message, ids) is cut to this
+# CPython refuses to convert longer integers between text and int (quadratic time otherwise)
+INT_DIGITS = sys.get_int_max_str_digits() or 4300
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` if it has at most ``limit`` characters, else its beginning and how long it was.
+
+    >>> clip("abc", 10), clip("x" * 30, 10)
+    ('abc', 'xxxxxxxxxx… (30 characters)')
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def too_long(text: str, limit: int) -> bool:
+    """More than ``limit`` UTF-8 bytes (only text that may be longer is encoded to find out).
+
+    >>> too_long("abc", 3), too_long("ééé", 5), too_long("x" * 4, 3)
+    (False, True, True)
+    """
+    n = len(text)
+    if n > limit:
+        return True
+    if n * 4 <= limit or text.isascii():
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+class HugeInt:
+    """What stands in for an integer too long to convert (see :class:`IntDigits`)."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+class IntDigits:
+    """A ``parse_int`` for ``json.loads`` that notes integers too long to convert; a
+    :class:`HugeInt` stands in for each, so that the rest (the ids) can still be read.
+
+    >>> digits = IntDigits()
+    >>> doc = json.loads('{"batch_id": "b", "n": 1%s}' % ("0" * 5000), parse_int=digits)
+    >>> doc["batch_id"], digits.longest, huge_int_in(doc)
+    ('b', 5001, 5001)
+    """
+
+    __slots__ = ("longest",)
+
+    def __init__(self) -> None:
+        self.longest = 0
+
+    def __call__(self, text: str) -> int | HugeInt:
+        digits = len(text) - (text[:1] == "-")
+        if digits > INT_DIGITS:
+            self.longest = max(self.longest, digits)
+            return HugeInt(digits)
+        return int(text)
+
+
+def huge_int_in(value: Any) -> int:
+    """The digits of the longest :class:`HugeInt` in a parsed JSON value (0: none)."""
+    if type(value) is HugeInt:
+        return value.digits
+    if type(value) is dict:
+        return max(map(huge_int_in, value.values()), default=0)
+    if type(value) is list:
+        return max(map(huge_int_in, value), default=0)
+    return 0
+
+
+def huge_int_reason(digits: int) -> str:
+    """Why a record holding an integer of ``digits`` digits is refused."""
+    return (f"the record holds an integer of {digits} digits: at most {INT_DIGITS} digits are "
+            "accepted (longer ones take quadratic time to convert, so Python refuses them)")
+
+
 LONE_SURROGATE = ("the record holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): "
                   "not Unicode text, so no verdict or report could quote it")
 
@@ -103,18 +187,29 @@ def is_unicode(value: Any) -> bool:
     return True
 
 
-def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
-                 keyed: bool = True) -> EventBatch:
+def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *, keyed: bool = True,
+                 max_events: int = DEFAULT_MAX_BATCH_EVENTS,
+                 max_id_bytes: int = DEFAULT_MAX_ID_BYTES) -> EventBatch:
     """Parse a record into an EventBatch or raise :class:`Rejected` with a reason a person can act on.
 
     ``keyed=False`` is for records that never had a Kafka key (lines of a replayed file): no key
-    is then required, and the session id is the record's own.
+    is then required, and the session id is the record's own. ``max_events`` bounds the events
+    of a batch, ``max_id_bytes`` the key and every id a verdict would echo (session, batch,
+    policy): an id past it is never echoed, so a record too long to be answered is refused.
 
     >>> decode_batch(b"s", b'{"session_id": "s", "batch_id": "b", "events": []}', 1000)
     Traceback (most recent call last):
     ...
     monitor.core.Rejected: not a valid EventBatch: events: Value error, at least one event is needed (only an end_session batch may have none)
+    >>> decode_batch(b"s", b'{"session_id": "s", "batch_id": "b", "seq": 1%s}' % (b"0" * 5000), 10**6)
+    Traceback (most recent call last):
+    ...
+    monitor.core.Rejected: the record holds an integer of 5001 digits: at most 4300 digits are accepted (longer ones take quadratic time to convert, so Python refuses them)
     """
+    if key and len(key) > max_id_bytes:
+        # the key is the session id: one this long could not be answered without echoing it
+        raise Rejected("invalid", f"the record key is {len(key)} bytes, over the limit of {max_id_bytes} "
+                       "(--max-id-bytes): the key must be the session_id, and ids that long are refused")
     key_text = key.decode("utf-8", "replace") if key else None
     if keyed and not key_text:
         raise Rejected("invalid", "the record has no key: the key must be the session_id, so that a "
@@ -122,24 +217,37 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
     if value is None:
         raise Rejected("invalid", "the record has no value (a tombstone?)", key_text)
     unicode_ok = True
+    huge = 0
     data: Any
     try:
         # pydantic-core's parser: over twice as fast as json's on agent records, and equal on
         # every text it accepts (numbers included)
         data = from_json(value, cache_strings=False)
     except ValueError:
+        digits = IntDigits()
         try:  # json decides the rest (it also takes a BOM and UTF-16) and words the error
-            data = json.loads(value)
-            unicode_ok = is_unicode(data)  # it also takes lone surrogates, which no JSON out can carry
+            data = json.loads(value, parse_int=digits)
+            # it also takes lone surrogates, which no JSON out can carry (a record with a huge
+            # integer is refused for that, once its ids are checked on their own)
+            unicode_ok = not digits.longest and is_unicode(data)
         except RecursionError:
             data = ValueError(TOO_DEEP)
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer too long
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
             data = exc
+        huge = digits.longest  # the ids can still be read: the agent gets its deny
     sid = data.get("session_id") if isinstance(data, dict) else None
     bid = data.get("batch_id") if isinstance(data, dict) else None
-    # (ids from_json read are Unicode already: only json's may hold a lone surrogate)
-    sid = sid if isinstance(sid, str) and sid and (unicode_ok or is_unicode(sid)) else key_text
-    bid = bid if isinstance(bid, str) and bid and (unicode_ok or is_unicode(bid)) else None
+    # (ids from_json read are Unicode already: only json's may hold a lone surrogate); an id too
+    # long to echo is no id. (4 bytes per character at most: short ids are not measured.)
+    long_id = None
+    if type(sid) is str and len(sid) * 4 > max_id_bytes and too_long(sid, max_id_bytes):
+        long_id = "session_id"
+    elif type(bid) is str and len(bid) * 4 > max_id_bytes and too_long(bid, max_id_bytes):
+        long_id = "batch_id"
+    sid = sid if isinstance(sid, str) and sid and long_id != "session_id" and (
+        unicode_ok or is_unicode(sid)) else key_text
+    bid = bid if isinstance(bid, str) and bid and long_id != "batch_id" and (
+        unicode_ok or is_unicode(bid)) else None
     if len(value) > max_bytes:
         # still read its ids (Kafka bounded its size) so the waiting agent gets a deny
         raise Rejected("too_large", f"the record is {len(value)} bytes, over the limit of {max_bytes}",
@@ -148,8 +256,20 @@ def decode_batch(key: bytes | None, value: bytes | None, max_bytes: int, *,
         raise Rejected("not_json", f"the record value is not JSON: {data}", key_text)
     if not isinstance(data, dict):
         raise Rejected("invalid", f"an EventBatch is a JSON object, not {type(data).__name__}", sid, bid)
+    if huge:
+        raise Rejected("invalid", huge_int_reason(huge), sid, bid)
     if not unicode_ok:
         raise Rejected("invalid", LONE_SURROGATE, sid, bid)
+    policy = data.get("policy")
+    if long_id is None and type(policy) is str and len(policy) * 4 > max_id_bytes and too_long(policy, max_id_bytes):
+        long_id = "policy"
+    if long_id is not None:
+        raise Rejected("invalid", f"the {long_id} is over the limit of {max_id_bytes} bytes "
+                       "(--max-id-bytes): ids that long are refused, never echoed", sid, bid)
+    events = data.get("events")
+    if type(events) is list and len(events) > max_events:
+        raise Rejected("invalid", f"the batch has {len(events)} events, over the limit of {max_events} "
+                       "(--max-batch-events): split it", sid, bid)
     try:
         batch = EventBatch.model_validate(data)
     except ValidationError as exc:
@@ -177,17 +297,13 @@ def rejected_verdict(rejected: Rejected, source: SourceRef | None) -> Verdict:
 
 
 def dead_letter_for(rejected: Rejected, key: bytes | None, value: bytes | None,
-                    source: SourceRef) -> DeadLetter:
-    """The dead letter of a refused record: its bytes, where it came from and why."""
+                    source: SourceRef, max_id_bytes: int = DEFAULT_MAX_ID_BYTES) -> DeadLetter:
+    """The dead letter of a refused record: its bytes, where it came from and why (a key too
+    long to echo shows its beginning; the reason says how long it was)."""
     return DeadLetter(kind=rejected.kind, reason=rejected.reason, source=source,
-                      key=key.decode("utf-8", "replace") if key else None,
+                      key=clip(key[:max_id_bytes + 4].decode("utf-8", "replace"), max_id_bytes) if key else None,
                       value_b64=DeadLetter.encode(value), size=len(value or b""),
                       session_id=rejected.session_id, batch_id=rejected.batch_id)
-
-
-def alerts_for(verdict: Verdict, omitted: tuple[Violation, ...] = ()) -> list[Alert]:
-    """One alert per violation of a verdict, those past its cap included."""
-    return [Alert.from_violation(v, verdict) for v in (*verdict.violations, *omitted)]
 
 
 def joins_past(verdict: Verdict, keep_denied: bool) -> bool:
@@ -220,13 +336,22 @@ class Outcome:
     events: int = 0  # events in the batch (0 for a refused record)
     ended: bool = False  # an end_session batch: the session's state is gone
     shadow: ShadowVerdict | None = None  # a shadow candidate's verdict beside this one
+    # the verdict's violations as they were before it was cut to fit its topic (alerts carry
+    # them whole); empty when it was not cut
+    cut: tuple[Violation, ...] = ()
+
+    def alerted(self) -> list[Violation]:
+        """Every violation of the batch, whole, in order: one alert each."""
+        if self.verdict is None:
+            return []
+        return [*(self.cut or self.verdict.violations), *self.omitted]
 
     def alerts(self) -> list[Alert]:
         """The alerts to publish: one per violation. A repeated verdict sends its alerts again
         (the first sending may be what a crash cut short); their ids show them as repeats."""
         if self.verdict is None:
             return []
-        return alerts_for(self.verdict, self.omitted)
+        return [Alert.from_violation(v, self.verdict) for v in self.alerted()]
 
 
 _SAME: Any = object()
@@ -271,14 +396,23 @@ class BatchEvaluator:
     def __init__(self, policies: PolicySet, settings: WorkerSettings) -> None:
         self.policies = policies
         self.settings = settings
+        self.caps = MatchCaps(rule=settings.max_rule_matches, batch=settings.max_batch_matches)
+        # invariant-ai (the reference engine, rules the incremental one cannot compile) runs in
+        # processes that are killed at a check's deadline, when there are any; they run policy
+        # code in the sandbox, as the worker does
+        self.pool = (IsolatedPool(settings.engine_processes, allowed_imports=sandbox.allowed_imports())
+                     if settings.engine_processes else None)
         # the reference engine's window, and the incremental engine's for rules it cannot compile
         self.engines: dict[str, Engine] = {p.policy_id: self._engine(p) for p in policies.all()}
         # per policy id: what each rule's violations do (block or log)
         self.actions: dict[str, dict[int, Action]] = {p.policy_id: p.rule_actions() for p in policies.all()}
         self.shadows: dict[str, Candidate] = {}
+        if self.pool is not None and self.pool.specs:
+            self.pool.start()  # now: the first check must not wait for its process
 
     def _engine(self, policy: LoadedPolicy) -> Engine:
-        return make_engine(policy, self.settings.engine, max_history=self.settings.reference_max_history)
+        return make_engine(policy, self.settings.engine, max_history=self.settings.reference_max_history,
+                           caps=self.caps, pool=self.pool)
 
     def install(self, policy: LoadedPolicy) -> None:
         """Serve ``policy`` (a new version of its id, or a new id) from the next batch on; call it
@@ -314,8 +448,10 @@ class BatchEvaluator:
                              source: SourceRef | None) -> Outcome:
         """A Kafka record in, what to publish out: decoding, checking, and every failure in
         between ends as a dead letter and (when its ids can be read) a deny, never an exception."""
+        st = self.settings
         try:
-            batch = decode_batch(key, value, self.settings.max_record_bytes)
+            batch = decode_batch(key, value, st.max_record_bytes, max_events=st.max_batch_events,
+                                 max_id_bytes=st.max_id_bytes)
         except Rejected as rej:
             return await self._refused(store, rej, key, value, source)
         try:
@@ -328,7 +464,8 @@ class BatchEvaluator:
 
     async def _refused(self, store: SessionStore, rej: Rejected, key: bytes | None,
                        value: bytes | None, source: SourceRef | None) -> Outcome:
-        dead = dead_letter_for(rej, key, value, source or SourceRef(topic="", partition=-1, offset=-1))
+        dead = dead_letter_for(rej, key, value, source or SourceRef(topic="", partition=-1, offset=-1),
+                               self.settings.max_id_bytes)
         if not rej.addressable:
             return Outcome(None, dead_letter=dead)
         # its state lives on this partition only when the key is its session id: remember the deny
@@ -393,8 +530,9 @@ class BatchEvaluator:
             return self._remember(store, head, verdict, seq=None, events=n)
 
         state, reason = self._state(store, head, policy.policy_id, engine, batch.session_id, policy.policy_id)
-        result, reason = await self._check(engine, state, batch, started) if state is not None else (None, reason)
-        verdict, violations = self._decide(self.actions[policy.policy_id], policy, result, reason,
+        result, reason, kind = (await self._check(engine, state, batch, started) if state is not None
+                                else (None, reason, None))
+        verdict, violations = self._decide(self.actions[policy.policy_id], policy, result, reason, kind,
                                            (time.perf_counter() - started) * 1000.0, fields)
         joins = result is not None and joins_past(verdict, self.settings.keep_denied)
         shadow, more = None, ()
@@ -402,15 +540,26 @@ class BatchEvaluator:
         if candidate is not None:
             shadow, more = await self._shadow(candidate, store, head, batch, verdict, fields)
         cap = self.settings.max_verdict_violations
-        out = self._remember(
-            store, head, verdict, events=n,
-            policy_id=policy.policy_id if joins else None,
-            new_state=result.advance(state) if joins else None,  # type: ignore[union-attr]
-            appended=result.appended if joins else None,  # type: ignore[union-attr]
-            more=more, forget=self._gone_candidates(head),
-            raw=batch.trace() if joins and self.settings.policy_registry and not engine.state_is_raw else None,
-            history=self.settings.reference_max_history,
-        )
+        try:
+            new_state = result.advance(state) if joins else None  # type: ignore[union-attr]
+            if new_state is not None and len(new_state.log) > self.settings.max_session_entries:
+                raise StateTooLarge(
+                    f"it would keep {len(new_state.log)} entries for policy {policy.policy_id!r}, over the "
+                    f"limit of {self.settings.max_session_entries} (--max-session-entries)")
+            out = self._remember(
+                store, head, verdict, events=n,
+                policy_id=policy.policy_id if joins else None, new_state=new_state,
+                appended=result.appended if joins else None,  # type: ignore[union-attr]
+                more=more, forget=self._gone_candidates(head),
+                raw=batch.trace() if joins and self.settings.policy_registry and not engine.state_is_raw else None,
+                history=self.settings.reference_max_history,
+            )
+        except StateTooLarge as exc:
+            # fail closed, and the past stays as it was: a later batch is checked against it
+            verdict = verdict.model_copy(update={"decision": "deny", "reason": (
+                f"{STATE_REASON}: {exc}; the batch is denied and does not join the session's past. "
+                "End the session (end_session) and start a new one, or raise the limit")})
+            out, joins = self._remember(store, head, verdict, events=n), False
         out.omitted, out.joined, out.shadow = tuple(violations[cap:]), joins, shadow
         return out
 
@@ -425,31 +574,37 @@ class BatchEvaluator:
             return state, None
         except StateCorrupted as exc:
             log.error("%s", exc)
-            return None, f"the session's stored state is damaged: {exc}"
+            return None, clip(f"the session's stored state is damaged: {exc}", MAX_REASON_CHARS)
 
     async def _check(self, engine: Engine, state: SessionState, batch: EventBatch,
-                     started: float) -> tuple[CheckResult | None, str | None]:
-        """The engine's result within the time budget, in the sandbox; or None and why not."""
+                     started: float) -> tuple[CheckResult | None, str | None, str | None]:
+        """The engine's result within the time budget, in the sandbox; or None, why not and the
+        kind of failure (only a kind the operator chose may fail open)."""
         budget = self.settings.budget_ms
         try:
             deadline = None if budget is None else started + budget / 1000.0
             with sandbox.guarded():  # no network, process or file write while policy code runs
-                return await engine.check(state, batch.trace(), deadline=deadline), None
+                return await engine.check(state, batch.trace(), deadline=deadline), None, None
         except BudgetExceeded:
-            return None, f"{BUDGET_REASON} of {budget:g} ms"
+            return None, f"{BUDGET_REASON} of {budget:g} ms", "timeout"
         except EngineError as exc:
-            return None, f"{ERROR_REASON}: {exc}"
+            # on input the schema accepted: an agent can choose to make the policy raise, so this
+            # allows only when the operator said so (fail_open_kinds), never with timeouts alone
+            return None, clip(f"{ERROR_REASON}: {exc}", MAX_REASON_CHARS), "error"
         except Exception as exc:  # noqa: BLE001 - any failure of a check fails closed
             log.exception("policy check failed")
-            return None, f"{FAILED_REASON}: {type(exc).__name__}: {exc}"
+            return None, clip(f"{FAILED_REASON}: {type(exc).__name__}: {exc}", MAX_REASON_CHARS), None
 
     def _decide(self, actions: dict[int, Action], policy: LoadedPolicy, result: CheckResult | None,
-                reason: str | None, eval_ms: float, fields: dict[str, Any]) -> tuple[Verdict, list[Violation]]:
+                reason: str | None, kind: str | None, eval_ms: float,
+                fields: dict[str, Any]) -> tuple[Verdict, list[Violation]]:
         """The verdict of a check: deny iff a violation blocks (a logged one is listed and alerted
-        only); a failed check is decided by fail-closed. Also every violation, past the cap too."""
+        only); a failed check denies unless its ``kind`` is one the operator lets fail open. Also
+        every violation, past the cap too."""
         if result is None:
-            decision = "deny" if self.settings.fail_closed else "allow"
-            return Verdict(decision=decision, reason=reason, eval_ms=eval_ms, **fields), []
+            st = self.settings
+            opens = not st.fail_closed and kind in st.fail_open_kinds
+            return Verdict(decision="allow" if opens else "deny", reason=reason, eval_ms=eval_ms, **fields), []
         sid = fields["session_id"]
         violations = [Violation.from_match(m, sid, policy.sha256, actions.get(m.rule_index, "block"))
                       for m in result.matches]
@@ -469,9 +624,10 @@ class BatchEvaluator:
         seeded = key not in head.policies
         state, reason = self._state(store, head, policy.policy_id if seeded else key, engine, batch.session_id,
                                     policy.policy_id)
-        result, reason = await self._check(engine, state, batch, started) if state is not None else (None, reason)
+        result, reason, kind = (await self._check(engine, state, batch, started) if state is not None
+                                else (None, reason, None))
         mine = {**fields, "policy_version": policy.version, "policy_sha256": policy.sha256, "engine": engine.name}
-        verdict, _ = self._decide(candidate.actions, policy, result, reason,
+        verdict, _ = self._decide(candidate.actions, policy, result, reason, kind,
                                   (time.perf_counter() - started) * 1000.0, mine)
         more: tuple = ()
         if result is not None and state is not None and joins_past(verdict, self.settings.keep_denied):
@@ -491,15 +647,18 @@ class BatchEvaluator:
         return tuple(k for k in head.policies
                      if k.endswith(SHADOW_CURSOR) and k[: -len(SHADOW_CURSOR)] not in self.shadows)
 
-    @staticmethod
-    def _remember(store: SessionStore, head: SessionHead, verdict: Verdict, seq: int | None = _SAME,
+    def _remember(self, store: SessionStore, head: SessionHead, verdict: Verdict, seq: int | None = _SAME,
                   events: int = 0, **state: Any) -> Outcome:
-        """Commit ``verdict`` (and, in ``state``, the session state it brings) for its batch."""
+        """Commit ``verdict`` (and, in ``state``, the session state it brings) for its batch; a
+        verdict too large for its topic is cut down first (its alerts carry the violations whole)."""
         raw = verdict.model_dump_json().encode()
+        verdict, raw, whole = fit_verdict(verdict, raw, self.settings.max_output_bytes)
         store.commit(verdict.session_id, head, verdict.batch_id, raw,
                      seq=verdict.seq if seq is _SAME else seq, **state)
-        return Outcome(verdict, events=events, verdict_json=raw)
+        return Outcome(verdict, events=events, verdict_json=raw, cut=whole)
 
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
+        if self.pool is not None:
+            self.pool.close()

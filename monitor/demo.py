@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from monitor.config import WorkerSettings
-from monitor.console import DECISION_STYLE, make_console, render_alert, render_verdict
+from monitor.console import DECISION_STYLE, make_console, printable, render_alert, render_verdict
 from monitor.models import Alert, Verdict
 from monitor.policy import parse_policies
 from monitor.samples import Expectation, SampleSession, load_sample, load_samples
@@ -321,8 +321,8 @@ def _play(client: MonitorClient, sample: SampleSession, timeout: float, console:
             console.print(render_verdict(r.verdict, r.problem, expected=True, latency_ms=r.latency_ms))
         except VerdictTimeout as exc:
             r.problem = str(exc)
-            console.print(f"[bold red]✗ {escape(batch.session_id)} #{escape(batch.batch_id)}: "
-                          f"{escape(str(exc))}[/]")
+            console.print(f"[bold red]✗ {escape(printable(batch.session_id))} #{escape(printable(batch.batch_id))}: "
+                          f"{escape(printable(str(exc)))}[/]")
         results.append(r)
     return results
 
@@ -361,7 +361,7 @@ def _summary(console: Console, samples: list[SampleSession], results: list[Playe
     for s in samples:
         rs = [r for r in results if r.sample == s.name]
         ok = len(rs) == len(s.batches) and all(r.problem is None for r in rs)
-        table.add_row(escape(s.name), escape(s.policy), " ".join(word(e.decision) for e in s.expect),
+        table.add_row(escape(printable(s.name)), escape(printable(s.policy)), " ".join(word(e.decision) for e in s.expect),
                       " ".join(word(r.verdict.decision if r.verdict else None) for r in rs),
                       "[green]✓[/]" if ok else "[bold red]✗[/]")
     live = [r for r in results if r.sample.endswith("(live update)")]
@@ -390,7 +390,7 @@ def _summary(console: Console, samples: list[SampleSession], results: list[Playe
     if mismatched:
         console.print(f"[bold red]{len(mismatched)} verdict(s) did not match the expectation:[/]")
         for r in mismatched:
-            console.print(escape(f"  {r.session_id} #{r.batch_id}: {r.problem}"))
+            console.print(escape(printable(f"  {r.session_id} #{r.batch_id}: {r.problem}")))
     elif len(alerts) < want_alerts:
         console.print(f"[yellow]only {len(alerts)} of {want_alerts} alerts arrived within 15 s[/]")
     else:

@@ -37,6 +37,7 @@ Serving (Prometheus scrapes ``http://HOST:PORT/metrics``; with a token it must s
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import os
 import threading
@@ -51,6 +52,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
+from monitor.errors import EXIT_USAGE, MonitorError
 from monitor.models import Alert, DeadLetterKind, Verdict, Violation
 from monitor.registry import REFUSAL_REASONS
 
@@ -63,6 +65,8 @@ HOST_ENV = "AGENT_MONITOR_METRICS_HOST"
 """Address /metrics binds to when the caller does not say (loopback unless set)."""
 
 DEFAULT_METRICS_PORT = 9464
+MAX_CONNECTIONS = 32  # served at once; Prometheus needs one per scrape
+REQUEST_TIMEOUT_S = 5.0  # to send a request and read the answer
 
 # one check: from well under a millisecond (incremental engine) to past the default 5 s budget
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -422,15 +426,40 @@ class MetricsServer:
         self.close()
 
 
+class MetricsExposed(MonitorError):
+    """/metrics would be served beyond loopback without a token; the message says how to set one."""
+
+    exit_code = EXIT_USAGE
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name to bind) only accepts local connections.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("localhost"), is_loopback("::1"), is_loopback("0.0.0.0")
+    (True, True, True, False)
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve beyond loopback
+
+
 def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT, host: str | None = None,
-                  token: str | None = None) -> MetricsServer:
+                  token: str | None = None, max_connections: int = MAX_CONNECTIONS,
+                  timeout: float = REQUEST_TIMEOUT_S) -> MetricsServer:
     """Serve ``registry`` at ``http://host:port/metrics`` from a background thread.
 
     ``token``: when set, every /metrics request needs ``Authorization: Bearer <token>`` (401
-    otherwise). ``None`` reads ``$AGENT_MONITOR_METRICS_TOKEN``; unset or empty means no token.
+    otherwise). ``None`` reads ``$AGENT_MONITOR_METRICS_TOKEN``; unset or empty means no token,
+    which is refused (:class:`MetricsExposed`) unless ``host`` is loopback.
     ``/healthz`` answers ``ok`` without a token (it reveals nothing). ``port=0`` picks a free port.
     ``host``: ``None`` reads ``$AGENT_MONITOR_METRICS_HOST``, else loopback (``127.0.0.1``); a
     container sets ``AGENT_MONITOR_METRICS_HOST=0.0.0.0`` so Prometheus can reach it.
+    A connection has ``timeout`` seconds to send its request and take the answer, and at most
+    ``max_connections`` are served at once (one more is closed at once): half-open connections
+    cannot hold the server's threads.
 
     >>> m = WorkerMetrics()
     >>> with serve_metrics(m.registry, port=0, token="t") as srv:
@@ -448,11 +477,19 @@ def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT,
         host = os.environ.get(HOST_ENV) or "127.0.0.1"
     if token is None:
         token = os.environ.get(TOKEN_ENV) or None
+    if not token and not is_loopback(host):
+        raise MetricsExposed(
+            f"refusing to serve /metrics on {host} without a token: set {TOKEN_ENV} (e.g. "
+            f"`export {TOKEN_ENV}=$(openssl rand -hex 32)`) and give Prometheus the same bearer token, "
+            f"or bind loopback ({HOST_ENV}=127.0.0.1)")
     expected = f"Bearer {token}".encode() if token else None
+    request_timeout = timeout
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "agent-monitor"
         sys_version = ""
+        # the socket's timeout: a client that sends nothing (or reads nothing) is dropped
+        timeout = request_timeout
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             path = self.path.split("?", 1)[0]
@@ -491,9 +528,31 @@ def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT,
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             log.debug("metrics: " + format, *args)
 
+    slots = threading.BoundedSemaphore(max_connections)
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         allow_reuse_address = True
+        request_queue_size = 128  # waiting in the kernel's queue costs no thread
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                # over the cap: closed at once, no thread for it
+                log.warning("metrics: more than %d connections, closing one from %s", max_connections,
+                            client_address)
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
 
     httpd = Server((host, port), Handler)
     thread = threading.Thread(target=httpd.serve_forever, name="agent-monitor-metrics", daemon=True)

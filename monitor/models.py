@@ -123,7 +123,7 @@ class EventBatch(BaseModel):
         "state is removed (a later batch with the same session id starts afresh)"))
     events: list[Event] = Field(default_factory=list, validate_default=True, description=(
         "the pending events; at least one unless end_session is set"))
-    policy: str | None = Field(default=None, description="optional policy id")
+    policy: str | None = Field(default=None, max_length=512, description="optional policy id")
     metadata: BatchMetadata = Field(default_factory=BatchMetadata)
     produced_at: datetime = Field(default_factory=utcnow)
 

@@ -29,6 +29,7 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from monitor.console import printable
 from monitor.models import Decision, Severity, Violation
 
 REPORT_SCHEMA = "agent-monitor/replay-report/1"
@@ -331,7 +332,8 @@ def _template() -> Template:
 
 
 def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    # agents' text may hold bidi overrides and other invisible controls: shown, never obeyed
+    return html.escape(printable(str(value), keep="\n\t"), quote=True)
 
 
 def highlight(text: str, spans: list[tuple[int, int, str]]) -> str:

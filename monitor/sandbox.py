@@ -425,10 +425,18 @@ def running() -> bool:
 
 
 def refused_count() -> int:
-    """Operations refused in this process so far (also those that library code caught)."""
+    """Operations refused in this process so far (also those that library code caught), and those
+    its engine processes reported (:func:`count_refused`)."""
     return _State.refused
 
 
+def count_refused(n: int) -> None:
+    """Add ``n`` operations refused in an engine process (:mod:`monitor.engine.isolation`)."""
+    if n:
+        with _State.lock:
+            _State.refused += n
+
+
 __all__ = ["BUILTIN_IMPORTS", "PolicyEscape", "Refusal", "SandboxConfigError",
-           "allowed_imports", "check_import", "describe", "guarded", "install_guard", "refusals",
+           "allowed_imports", "check_import", "count_refused", "describe", "guarded", "install_guard", "refusals",
            "refused_count", "running", "set_allowed_imports", "symbol_table", "trusted"]

@@ -36,6 +36,11 @@ class StateCorrupted(MonitorError):
     """The head names a state record that is not in the table; the batch fails closed."""
 
 
+class StateTooLarge(MonitorError):
+    """A batch would leave a session more state than its limits allow (entries per session, bytes
+    per state record); the batch is denied and does not join the past, the message says which."""
+
+
 class PolicyCursor(BaseModel):
     """Where one policy's engine state of a session stands; ``raw_start``-``raw_end``: the trace
     indices of the session's raw events kept (a worker that follows the policy registry keeps the

@@ -28,15 +28,16 @@ from pydantic import ValidationError
 from pydantic_core import from_json
 
 from monitor import __version__, sandbox, signing
-from monitor.changelog import ChangelogTable
+from monitor.changelog import ChangelogTable, Send
 from monitor.config import WorkerSettings
-from monitor.core import BatchEvaluator, Outcome, failure_kind, short_validation
+from monitor.core import BatchEvaluator, Outcome, Rejected, dead_letter_for, failure_kind, short_validation
+from monitor.limits import alert_records, fit_dead_letter, fit_shadow
 from monitor.metrics import FILE_POLICY_VERSION, WorkerMetrics
 from monitor.models import SourceRef
 from monitor.policy import PolicySet, load_policy_set
 from monitor.registry import RegistryFollower
 from monitor.runtime import Runtime, RuntimeConfig, Sink, print_ready
-from monitor.state import HEAD_PREFIX, SessionStore
+from monitor.state import HEAD_PREFIX, SessionStore, StateTooLarge
 
 log = logging.getLogger("agent_monitor.worker")
 
@@ -80,6 +81,31 @@ class SessionClock:
         return sum(len(c) for c in self.parts.values())
 
 
+def state_record_guard(send: Send, limit: int) -> Send:
+    """``send`` (a changelog table's) refusing a record over ``limit`` bytes before the broker
+    would: :class:`StateTooLarge` then reaches the core, which denies the batch (the changelog
+    refusing it would stop the worker, and the record would stop it again after a restart).
+
+    >>> sent = []
+    >>> send = state_record_guard(lambda k, p, v: sent.append(k), 10)
+    >>> send("a", 0, b"12345"); send("b", 0, None)
+    >>> send("c", 0, b"x" * 11)
+    Traceback (most recent call last):
+    ...
+    monitor.state.StateTooLarge: a state record of 11 bytes, over the limit of 10 (--max-state-record-bytes)
+    >>> sent
+    ['a', 'b']
+    """
+
+    def guarded(key: str, partition: int, value: bytes | None) -> None:
+        if value is not None and len(value) > limit:
+            raise StateTooLarge(f"a state record of {len(value)} bytes, over the limit of {limit} "
+                                "(--max-state-record-bytes)")
+        send(key, partition, value)
+
+    return guarded
+
+
 class MonitorProcessor:
     """Publishes the core's outcomes; expires idle sessions; with a policy registry, swaps in the
     versions its follower hands over at batch boundaries."""
@@ -103,6 +129,7 @@ class MonitorProcessor:
         self.store = SessionStore(table, verdict_memory=self.settings.verdict_memory)
         if self.metrics:
             self.metrics.attach_runtime(runtime)
+        table.send = state_record_guard(table.send, self.settings.max_state_record_bytes)
 
     async def process(self, records: list[Any], sink: Sink) -> None:
         if self.follower is not None:
@@ -114,8 +141,15 @@ class MonitorProcessor:
         for m in records:
             p = m.partition()
             table.use(p)
-            outcome = await core.process_record(store, m.key(), m.value(),
-                                                SourceRef(topic=topic, partition=p, offset=m.offset()))
+            source = SourceRef(topic=topic, partition=p, offset=m.offset())
+            try:
+                outcome = await core.process_record(store, m.key(), m.value(), source)
+            except Exception as exc:  # noqa: BLE001 - the core answers every record; if it ever
+                # fails, the record still costs only itself: a dead letter, and the partition goes on
+                log.exception("the core failed on %s", source)
+                outcome = Outcome(None, dead_letter=dead_letter_for(
+                    Rejected("internal", f"the worker failed on this record: {type(exc).__name__}: {exc}"),
+                    m.key(), m.value(), source, self.settings.max_id_bytes))
             self.publish(outcome, m.key(), sink)
             if outcome.verdict is not None and outcome.new:
                 if metrics:
@@ -131,20 +165,27 @@ class MonitorProcessor:
 
     def publish(self, outcome: Outcome, key: bytes | None, sink: Sink) -> None:
         """The verdict, its alerts and the dead letter of one record, as the core decided them."""
-        metrics = self.metrics
+        metrics, settings = self.metrics, self.settings
         if outcome.dead_letter is not None:
-            sink.produce(self.topics.deadletter, key, outcome.dead_letter.model_dump_json().encode())
+            dead = outcome.dead_letter
+            # (its key: at most --max-id-bytes; a longer one was refused and is not echoed)
+            sink.produce(self.topics.deadletter, key if key is None or len(key) <= settings.max_id_bytes else None,
+                         fit_dead_letter(dead, dead.model_dump_json().encode(), settings.max_state_record_bytes))
             if metrics:
-                metrics.dead_letter(outcome.dead_letter.kind)
+                metrics.dead_letter(dead.kind)
         verdict = outcome.verdict
         if verdict is None:
             return
         vkey = verdict.session_id.encode()
+        # (the core fitted the verdict to --max-output-bytes; alerts are fitted here)
         sink.produce(self.topics.verdicts, vkey, outcome.verdict_json or verdict.model_dump_json().encode())
         if outcome.shadow is not None:  # a candidate's verdict: to the shadow topic only
-            sink.produce(self.topics.shadow, vkey, outcome.shadow.model_dump_json().encode())
-        for alert in outcome.alerts():
-            sink.produce(self.topics.alerts, vkey, alert.model_dump_json().encode())
+            shadow = fit_shadow(outcome.shadow, settings.max_output_bytes)
+            if shadow is not None:
+                sink.produce(self.topics.shadow, vkey, shadow)
+        for alert, raw in alert_records(verdict, outcome.alerted(), settings.max_batch_alerts,
+                                        settings.max_output_bytes):
+            sink.produce(self.topics.alerts, vkey, raw)
             if metrics:
                 metrics.alert_published(alert)
         if metrics:
@@ -320,6 +361,7 @@ def run_worker(settings: WorkerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m monitor.worker SETTINGS_JSON``: run a worker from serialised settings."""
+    from monitor.metrics import MetricsExposed
     from monitor.policy import PolicyLoadError
     from monitor.signing import KeyFileError
 
@@ -335,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run_worker(settings)
-    except (PolicyLoadError, KeyFileError) as exc:
+    except (PolicyLoadError, KeyFileError, MetricsExposed) as exc:
         print(f"agent-monitor: refusing to start: {exc}", file=sys.stderr)
         return 2
     return 0

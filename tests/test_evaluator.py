@@ -67,9 +67,14 @@ def test_an_unknown_policy_id_is_denied_with_the_known_ids():
     assert v.decision == "deny" and "'nope'" in v.reason and "p" in v.reason
 
 
-@pytest.mark.parametrize("fail_closed, decision", [(True, "deny"), (False, "allow")])
-def test_a_policy_that_raises_fails_closed_unless_told(fail_closed, decision):
-    ev, store = evaluator(CRASH, fail_closed=fail_closed), SessionStore({})
+@pytest.mark.parametrize("fail_closed, kinds, decision", [
+    (True, ["timeout", "error"], "deny"),
+    # --fail-open alone covers timeouts: an error on accepted input is the agent's to choose
+    (False, ["timeout"], "deny"),
+    (False, ["timeout", "error"], "allow"),
+])
+def test_a_policy_that_raises_fails_closed_unless_told(fail_closed, kinds, decision):
+    ev, store = evaluator(CRASH, fail_closed=fail_closed, fail_open_kinds=kinds), SessionStore({})
     # an assistant message with only tool calls has content None: len(None) raises inside the rule
     v, _ = run(ev, store, "b1", [{"role": "assistant", "content": None, "tool_calls": [
         {"id": "1", "type": "function", "function": {"name": "f", "arguments": {}}}]}])

@@ -162,14 +162,27 @@ def test_records_the_worker_rejects_get_the_worker_s_answers(tmp_path, send_poli
 
 def test_violations_past_the_verdict_cap_are_all_in_the_report(tmp_path):
     policy = tmp_path / "a.gr"
+    # three rules, each within the per-rule cap (100), together past the verdict's cap (200)
+    policy.write_text("".join(f'raise "has {c}" if:\n    (m: Message)\n    "{c}" in m.content\n\n' for c in "abc"))
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps([user(f"{'abc'[i // 100]}{i}") for i in range(250)]))
+    report, _ = replay(tmp_path, [t], policy, engine="incremental", trace_batch=1000)
+    [b] = batches(report, "t")
+    assert len(b.violations) == 250 > WorkerSettings.model_fields["max_verdict_violations"].default
+    assert len({v.alert_id for v in b.violations}) == 250
+    assert [r.violations for r in report.totals.rules] == [100, 100, 50]
+
+
+def test_a_fan_out_past_the_rule_cap_is_one_summary_in_the_report(tmp_path):
+    policy = tmp_path / "a.gr"
     policy.write_text('raise "has a" if:\n    (m: Message)\n    "a" in m.content\n')
     t = tmp_path / "t.json"
     t.write_text(json.dumps([user(f"a{i}") for i in range(250)]))
     report, _ = replay(tmp_path, [t], policy, engine="incremental", trace_batch=1000)
     [b] = batches(report, "t")
-    assert len(b.violations) == 250 > WorkerSettings.model_fields["max_verdict_violations"].default
-    assert len({v.alert_id for v in b.violations}) == 250
-    assert report.totals.rules[0].violations == 250
+    cap = WorkerSettings.model_fields["max_rule_matches"].default
+    assert b.decision == "deny" and len(b.violations) == cap + 1
+    assert "matching stopped after 100" in b.violations[-1].message
 
 
 def test_verify_notices_every_doctored_field_and_a_policy_folder_that_grew(tmp_path):

@@ -199,19 +199,20 @@ def test_rejected_records_and_capped_verdicts_replay_and_publish_as_the_worker_g
         kafka_bootstrap, topic_prefix, tmp_path):
     t = topics(topic_prefix)
     policy = tmp_path / "a.gr"
-    policy.write_text('raise "has a" if:\n    (m: Message)\n    "a" in m.content\n')
-    many = batch("s", [{"role": "user", "content": f"a{i}"} for i in range(205)], "many", seq=2)
+    # three rules of 70 matches each: under --max-rule-matches (100), over the verdict's cap (200)
+    policy.write_text("".join(f'raise "has {c}" if:\n    (m: Message)\n    "{c}" in m.content\n\n' for c in "abc"))
+    many = batch("s", [{"role": "user", "content": f"abc{i}"} for i in range(70)], "many", seq=2)
     records = [
         # keyed by another id: the worker sends a deny but cannot remember it (other partition's state)
         ("k", json.dumps({"session_id": "s", "batch_id": "b1", "events": "not a list"}).encode()),
         batch("s", [{"role": "user", "content": "hi"}], "b1", seq=1),  # evaluated, not taken for a redelivery
-        many, many,  # 205 violations: the verdict lists 200, then its redelivery repeats it
+        many, many,  # 210 violations: the verdict lists 200, then its redelivery repeats it
     ]
     with worker(kafka_bootstrap, topic_prefix, policy, partitions=1):
         produce_batches(kafka_bootstrap, t.events, records)
         live = consume(kafka_bootstrap, t.verdicts, until=4, timeout=120)
     assert [(v["batch_id"], v["decision"], len(v["violations"]), v["violations_omitted"]) for v in live] == [
-        ("b1", "deny", 0, 0), ("b1", "allow", 0, 0), ("many", "deny", 200, 5), ("many", "deny", 200, 5)]
+        ("b1", "deny", 0, 0), ("b1", "allow", 0, 0), ("many", "deny", 200, 10), ("many", "deny", 200, 10)]
 
     publish = f"{topic_prefix}-replay"
     out = tmp_path / "r.json"
@@ -220,15 +221,16 @@ def test_rejected_records_and_capped_verdicts_replay_and_publish_as_the_worker_g
     report = Report.load(out)
     [s] = report.sessions
     assert [(b.batch_id, b.decision, b.duplicate, len(b.violations)) for b in s.batches] == [
-        ("b1", "deny", False, 0), ("b1", "allow", False, 0), ("many", "deny", False, 205), ("many", "deny", True, 200)]
+        ("b1", "deny", False, 0), ("b1", "allow", False, 0), ("many", "deny", False, 210), ("many", "deny", True, 200)]
     published = consume(kafka_bootstrap, f"{publish}.verdicts", until=4, timeout=60)
 
     def seen(v: dict) -> tuple:  # a repeat is the stored verdict: its source is the first record's
         return v["batch_id"], v["decision"], len(v["violations"]), v["violations_omitted"], v["source"]["offset"]
     assert [seen(v) for v in published] == [seen(v) for v in live]
     assert published[3]["source"]["offset"] == 2  # the redelivery at offset 3 repeats offset 2's verdict
-    alerts = consume(kafka_bootstrap, f"{publish}.alerts", until=405, timeout=60, idle=3)
-    assert len(alerts) == 405 and len({a["alert_id"] for a in alerts}) == 205
+    # 210 for the batch, then the 200 its stored verdict lists again for the redelivery
+    alerts = consume(kafka_bootstrap, f"{publish}.alerts", until=410, timeout=60, idle=3)
+    assert len(alerts) == 410 and len({a["alert_id"] for a in alerts}) == 210
 
 
 def test_a_sharded_topic_replay_keeps_a_session_whose_records_came_under_other_keys(kafka_bootstrap, topic_prefix,

@@ -8,6 +8,7 @@ from monitor.engine.base import (
     Deadline,
     Engine,
     EngineError,
+    MatchCaps,
     RuleInfo,
     SessionState,
 )
@@ -17,7 +18,12 @@ ENGINES = ("incremental", "reference")
 
 
 def make_engine(policy: LoadedPolicy, kind: str = "incremental", **options) -> Engine:
-    """The engine for ``policy``: ``incremental`` (default; falls back per rule) or ``reference``."""
+    """The engine for ``policy``: ``incremental`` (default; falls back per rule) or ``reference``.
+
+    ``options``: ``max_history``, ``caps`` (:class:`MatchCaps`), ``pool`` (an
+    :class:`~monitor.engine.isolation.IsolatedPool` that runs invariant-ai where a check past its
+    deadline can be stopped; default: threads), ``offload``.
+    """
     if kind == "reference":
         from monitor.engine.reference import ReferenceEngine
 
@@ -33,5 +39,6 @@ def make_engine(policy: LoadedPolicy, kind: str = "incremental", **options) -> E
     raise ValueError(f"unknown engine {kind!r}: expected one of {', '.join(ENGINES)}")
 
 
-__all__ = ["BudgetExceeded", "CheckResult", "Deadline", "Engine", "EngineError", "RuleInfo", "SessionState",
+__all__ = ["BudgetExceeded", "CheckResult", "Deadline", "Engine", "EngineError", "MatchCaps", "RuleInfo",
+           "SessionState",
            "make_engine", "ENGINES"]

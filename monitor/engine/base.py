@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
@@ -109,6 +110,16 @@ class Deadline:
         return None if self.at is None else max(0.0, self.at - time.perf_counter())
 
 
+@dataclass(frozen=True)
+class MatchCaps:
+    """How many matches an engine enumerates in one batch: ``rule`` per rule, ``batch`` in all.
+    Past a cap, matching stops and one summary match says there are more (a fan-out of N x N
+    matches is never computed); the batch is denied all the same."""
+
+    rule: int = 100
+    batch: int = 1000
+
+
 class Engine(ABC):
     """Evaluates one loaded policy batch by batch.
 
@@ -127,8 +138,9 @@ class Engine(ABC):
     # policy version reads it as it is, nothing is kept besides
     state_is_raw: ClassVar[bool] = False
 
-    def __init__(self, policy: LoadedPolicy) -> None:
+    def __init__(self, policy: LoadedPolicy, caps: MatchCaps | None = None) -> None:
         self.policy = policy
+        self.caps = caps or MatchCaps()
 
     def initial_state(self) -> SessionState:
         return SessionState(engine=self.name)

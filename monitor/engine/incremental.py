@@ -64,10 +64,11 @@ from monitor.engine.base import (
     Deadline,
     Engine,
     EngineError,
+    MatchCaps,
     RuleInfo,
     SessionState,
 )
-from monitor.engine.compiler import ARROW, DECL, OWN, CompiledRule, RulePlan, compile_policy
+from monitor.engine.compiler import ARROW, DECL, JOIN, OWN, CompiledRule, RulePlan, compile_policy
 from monitor.engine.conditions import (
     FALSE,
     OTHER,
@@ -87,7 +88,10 @@ from monitor.engine.conditions import (
     parse_flat,
     prepared_events,
 )
+from monitor.engine.isolation import IsolatedPool
 from monitor.engine.support import DEFAULT_MAX_HISTORY, LoopPool, error_kwargs, error_message, error_to_match, within
+from monitor.errors import MonitorError
+from monitor.limits import MAX_ADDRESSES, cap_matches, summary_match
 from monitor.models import Match
 from monitor.policy import LoadedPolicy
 
@@ -131,6 +135,40 @@ def _record_outcome(rec: dict[str, Any], cond: Any, out: Any) -> bool:
     return False
 
 
+class _Enough(MonitorError):
+    """A rule found one match past its room: enumeration stops (internal)."""
+
+
+def _bounded_vars(rule: CompiledRule) -> set[int]:
+    """Variables whose later candidates are dominated by earlier ones: kept without limit today,
+    read only by ``a -> b`` flow from them (not joined, not in the raise expression, never a flow
+    target, never ``~>``). An earlier candidate satisfies every constraint a later one does, so
+    once ``caps.rule + 1`` plain candidates are kept, a later one can add no match the rule's cap
+    would still list, nor an error the earlier ones would not reach first (see
+    :func:`_dominated_dropped`): without this, "send" in every user message made the state, and
+    the time of every check, grow with the session."""
+    targets = {c.vars[1] for c in rule.conds if c.kind == ARROW}
+    direct = {c.vars[0] for c in rule.conds if c.kind == ARROW and c.direct}
+    joined = {v for c in rule.conds if c.kind == JOIN for v in c.vars}
+    return {v for v, keep in enumerate(rule.keep)
+            if keep is None and v not in targets | direct | joined | rule.needs_object}
+
+
+def _dominated_dropped(kept: list[dict], recs: list[dict], plain_cap: int) -> list[dict]:
+    """``recs`` (new records of a bounded variable, in flow order) without those that come after
+    ``plain_cap`` plain candidates (kept ones included): a plain candidate passed every own
+    condition. Witnesses and candidates whose own condition raised are always kept."""
+    plain = sum(1 for r in kept if "k" not in r and "x" not in r)
+    out = []
+    for r in recs:
+        if "k" in r:  # FALSE witness or RAISE: bounded by the conditions and the session limit
+            out.append(r)
+        elif plain < plain_cap:
+            plain += "x" not in r
+            out.append(r)
+    return out
+
+
 class IncrementalEngine(Engine):
     """Compiled rules matched incrementally; rules that do not compile run on invariant-ai over the
     last ``max_history`` events. Verdicts, messages, keys and addresses equal the reference's."""
@@ -138,8 +176,8 @@ class IncrementalEngine(Engine):
     name = "incremental"
 
     def __init__(self, policy: LoadedPolicy, max_history: int = DEFAULT_MAX_HISTORY,
-                 offload: bool = True) -> None:
-        super().__init__(policy)
+                 offload: bool = True, caps: MatchCaps | None = None, pool: IsolatedPool | None = None) -> None:
+        super().__init__(policy, caps)
         self.local = policy.local
         self.max_history = max_history
         self.plans: list[RulePlan] = compile_policy(policy)
@@ -155,9 +193,14 @@ class IncrementalEngine(Engine):
             var.type in ("Message", "ToolCall") for r in self.compiled for var in r.vars)
         # per rule and variable: its own conditions, in body order
         self._own = {r.index: [r.own_conds(v) for v in range(len(r.vars))] for r in self.compiled}
+        # per rule: the variables whose candidates past the first caps.rule + 1 can be dropped
+        self._bounded = {r.index: _bounded_vars(r) for r in self.compiled}
         self._sub = None
         self._thread = None
-        if self.fallback:
+        self.pool = pool
+        if self.fallback and pool is not None:
+            pool.register(policy, self.fallback)  # run where a check past its deadline is stopped
+        elif self.fallback:
             from invariant.analyzer.runtime.rule import RuleSet
 
             sub = copy.copy(self.local)
@@ -208,7 +251,7 @@ class IncrementalEngine(Engine):
             if head and not _rebuild:
                 return await self._check_stale(state, pending, deadline)
             head, log = self._fresh_head(), []  # a session's first batch (or a rebuild's start)
-        budget = Deadline(deadline)
+        budget = Deadline(deadline, every=16)  # a join condition may take milliseconds
         length = state.length
         # tool outputs made explicit once: parsing, kept events and call records all read them
         prepared, last_call = prepared_events(pending, head.get("lc"))
@@ -249,16 +292,26 @@ class IncrementalEngine(Engine):
         new_tail: dict[str, dict[str, list]] = {}
         objects: dict[int, Any] = {}  # kept events re-read this check, one object per trace index
 
+        caps, end = self.caps, length + len(pending)
         for rule in self.compiled:
             if rule.never:
                 continue
-            rule_matches, new_recs, new_witnesses = await self._match_rule(
-                rule, by_kind, raw_prepared, old, head, index, objects, links, budget, _rebuild)
+            # a rule stops at its cap, or at what is left of the batch's: one summary says more
+            room = max(0, min(caps.rule, caps.batch - len(matches)))
+            rule_matches, new_recs, new_witnesses, more = await self._match_rule(
+                rule, by_kind, raw_prepared, old, head, index, objects, links, budget, room, _rebuild)
             matches.extend(rule_matches)
+            if more:
+                why = "--max-rule-matches" if room == caps.rule else "--max-batch-matches"
+                matches.append(summary_match(rule.index, rule.message, len(rule_matches), end, why))
             tails = head["tail"].get(str(rule.index), {})
+            bounded = self._bounded[rule.index]
             for v, keep in enumerate(rule.keep):
                 if keep is None:
-                    for rec in sorted(new_recs[v] + new_witnesses[v], key=lambda r: r["f"]):
+                    recs = sorted(new_recs[v] + new_witnesses[v], key=lambda r: r["f"])
+                    if recs and v in bounded:
+                        recs = _dominated_dropped(old.get((rule.index, v), []), recs, caps.rule + 1)
+                    for rec in recs:
                         appended.append({"t": "c", "r": rule.index, "v": v, **rec})
                 elif keep > 0:
                     kept = [r for r in tails.get(str(v), []) + new_recs[v] + new_witnesses[v]
@@ -276,7 +329,10 @@ class IncrementalEngine(Engine):
         log_start = state.log_start + (len(state.log) - len(log))
         if self.fallback:
             if not _rebuild:  # (a rebuild reports no match: the fallback rules have nothing to add)
-                matches.extend(await self._run_fallback(raw_entries, length, pending, deadline))
+                found = await self._run_fallback(raw_entries, length, pending, deadline)
+                # invariant-ai computed these (within the deadline): capped as if it had stopped
+                matches.extend(cap_matches(found, caps.rule, max(0, caps.batch - len(matches)), end,
+                                           {p.index: p.message for p in self.plans}))
             appended.extend({"t": "e", "i": length + k, "e": e} for k, e in enumerate(pending))
             # drop raw events that left the window, keeping the candidates that sat among them
             total = length + len(pending)
@@ -356,8 +412,14 @@ class IncrementalEngine(Engine):
                 other = True
             if spans:
                 rg, k = rg or [], 0
+                places: dict[int, list] = {}
                 for obj, start, end in spans:
-                    for idx, order, path in index.locate(id(obj)):
+                    if len(rg) >= MAX_ADDRESSES:  # what a violation lists; the state keeps no more
+                        break
+                    where = places.get(id(obj))
+                    if where is None:
+                        where = places[id(obj)] = index.locate(id(obj))
+                    for idx, order, path in where:
                         rg.append([idx, order, cond.pos, k, f"{path}:{start}-{end}"])
                         k += 1
         rec = {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": rg or []}
@@ -390,8 +452,12 @@ class IncrementalEngine(Engine):
 
     async def _match_rule(self, rule: CompiledRule, by_kind: dict[str, list[Element]],
                           raw: list[dict] | None, old: dict, head: dict, index: EventIndex,
-                          objects: dict, links: dict[int, dict], budget: Deadline, rebuild: bool = False
-                          ) -> tuple[list[Match], list[list[dict]], list[list[dict]]]:
+                          objects: dict, links: dict[int, dict], budget: Deadline, room: int,
+                          rebuild: bool = False
+                          ) -> tuple[list[Match], list[list[dict]], list[list[dict]], bool]:
+        """The rule's matches binding a pending element (at most ``room``; the last value says
+        whether there were more), and the candidate records and witnesses the state keeps (only
+        those when ``rebuild``: the past's matches were answered already)."""
         nvars = len(rule.vars)
         new: list[list[_Cand]] = [[] for _ in range(nvars)]
         # (record, element) of elements failing an own condition: nearly all of them, and
@@ -444,13 +510,12 @@ class IncrementalEngine(Engine):
             elif keep and keep > 0:
                 new_witnesses[v] = [_record_of(rec, el) for rec, el in failed[v]]
         if rebuild or (not any(new) and not any(failed)):
-            # (a rebuild keeps the candidates only: the past's matches were answered already)
-            return [], new_recs, new_witnesses
+            return [], new_recs, new_witnesses, False
 
         raising = any(c.rec.get("k") == RAISE for v in range(nvars) for c in new[v]) or \
             any(r.get("k") == RAISE for v in range(nvars) for r in kept[v])
         if not raising and not any(new):
-            return [], new_recs, new_witnesses
+            return [], new_recs, new_witnesses, False
         stored: list[list[_Cand]] = [[] for _ in range(nvars)]
         witnesses: list[list[_Cand]] = [[] for _ in range(nvars)]
         for v in range(nvars):
@@ -477,6 +542,12 @@ class IncrementalEngine(Engine):
                     return False
             return True
 
+        # whether any variable from v on has a pending element: an assignment must bind one, so
+        # a subtree of past candidates only is never walked (what made a long session slow)
+        new_from = [False] * (nvars + 1)
+        for v in range(nvars - 1, -1, -1):
+            new_from[v] = new_from[v + 1] or bool(domains_new[v])
+
         async def visit(v: int, assign: list, any_new: bool) -> None:
             budget.check()
             if v == nvars:
@@ -484,6 +555,10 @@ class IncrementalEngine(Engine):
                     m = await self._walk(rule, assign, objects, index)
                     if m is not None:
                         matches.append(m)
+                        if len(matches) > room:
+                            raise _Enough()  # one past the cap: there are more, stop here
+                return
+            if not any_new and not new_from[v]:
                 return
             last = v == nvars - 1
             choices = domains_new[v] if (last and not any_new) else stored[v] + domains_new[v]
@@ -493,8 +568,11 @@ class IncrementalEngine(Engine):
                     await visit(v + 1, assign, any_new or cand.new)
             assign[v] = None
 
-        await visit(0, [None] * nvars, False)
-        return matches, new_recs, new_witnesses
+        try:
+            await visit(0, [None] * nvars, False)
+        except _Enough:
+            return matches[:room], new_recs, new_witnesses, True
+        return matches, new_recs, new_witnesses, False
 
     async def _object(self, rule: CompiledRule, v: int, cand: _Cand, objects: dict,
                       index: EventIndex) -> Any:
@@ -559,6 +637,7 @@ class IncrementalEngine(Engine):
         for order, (name, (part, places)) in enumerate(merged.items()):
             ranges.extend([i, o, base + order, 0, p] for i, o, p in places)
         ranges.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
+        del ranges[MAX_ADDRESSES:]
         parts = [(var.name, assign[v].rec["i"]) for v, var in enumerate(rule.vars)]
         parts += [(name, part) for name, (part, _) in merged.items()]
         parts.sort(key=lambda x: x[0])
@@ -596,14 +675,17 @@ class IncrementalEngine(Engine):
         async def run():
             return await self._sub.a_analyze_pending(past, pending)
 
-        try:
-            result = await within(self._thread.run(run()) if self._thread else run(), deadline)
-        except BudgetExceeded:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any policy failure fails the batch closed
-            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+        if self.pool is not None:
+            errors = await self.pool.analyze(self.policy, self.fallback, past, pending, deadline)
+        else:
+            try:
+                errors = (await within(self._thread.run(run()) if self._thread else run(), deadline)).errors
+            except BudgetExceeded:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any policy failure fails the batch closed
+                raise EngineError(f"{type(exc).__name__}: {exc}") from exc
         out = []
-        for err in result.errors:
+        for err in errors:
             try:
                 sub_rule, idx = pyast.literal_eval(str(err.key))
                 rule = self.fallback[sub_rule]

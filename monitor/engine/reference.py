@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from monitor.engine.base import CheckResult, Engine, EngineError, RuleInfo, SessionState
+from monitor.engine.base import CheckResult, Engine, EngineError, MatchCaps, RuleInfo, SessionState
+from monitor.engine.isolation import IsolatedPool
 from monitor.engine.support import DEFAULT_MAX_HISTORY, LoopPool, error_to_match, rule_message, within
+from monitor.limits import cap_matches
 from monitor.policy import LoadedPolicy
 
 
@@ -21,11 +23,17 @@ class ReferenceEngine(Engine):
     state_is_raw = True
 
     def __init__(self, policy: LoadedPolicy, max_history: int = DEFAULT_MAX_HISTORY,
-                 offload: bool = True) -> None:
-        super().__init__(policy)
+                 offload: bool = True, caps: MatchCaps | None = None, pool: IsolatedPool | None = None) -> None:
+        super().__init__(policy, caps)
         self.local = policy.local
         self.max_history = max_history
-        self._thread = LoopPool("reference-engine") if offload else None
+        # a pool of processes: a check past its deadline is killed; else a thread that can only
+        # be abandoned (it runs on until it ends)
+        self.pool = pool
+        if pool is not None:
+            pool.register(policy)
+        self._thread = LoopPool("reference-engine") if offload and pool is None else None
+        self._messages = {i: rule_message(r) for i, r in enumerate(policy.rules)}
 
     async def analyze(self, past: list[dict[str, Any]], pending: list[dict[str, Any]]) -> Any:
         """Run invariant-ai itself; raises :class:`EngineError` when the policy raises."""
@@ -38,10 +46,16 @@ class ReferenceEngine(Engine):
                     deadline: float | None = None) -> CheckResult:
         past = list(state.log)
         offset = state.log_start
-        coro = self.analyze(past, pending)
-        result = await within(self._thread.run(coro) if self._thread else coro, deadline)
-        matches = [error_to_match(e, offset) for e in result.errors]
+        if self.pool is not None:
+            errors = await self.pool.analyze(self.policy, None, past, pending, deadline)
+        else:
+            coro = self.analyze(past, pending)
+            errors = (await within(self._thread.run(coro) if self._thread else coro, deadline)).errors
         total = offset + len(past) + len(pending)
+        # invariant-ai computes every match (bounded by the deadline): report them as an engine
+        # that stops at the caps would
+        matches = cap_matches([error_to_match(e, offset) for e in errors], self.caps.rule, self.caps.batch,
+                              total, self._messages)
         return CheckResult(
             matches=matches,
             head={},

@@ -14,16 +14,23 @@ import json
 import os
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Coroutine
 from concurrent.futures import Future
 from typing import Any
 
 from monitor.engine.base import BudgetExceeded
+from monitor.limits import MAX_ADDRESSES
 from monitor.models import Match
 from monitor.policy import rule_message  # noqa: F401 - the engines import it from here
 
 # The time budget, not an iteration count, bounds a check (invariant-ai reads this when it runs).
 os.environ.setdefault("INVARIANT_MAX_ITERATIONS", str(10**12))
+
+# invariant-ai warns with the whole event when one does not parse: an agent's event (up to a
+# megabyte, terminal escapes and all) in the worker's log for every such record. The verdict's
+# reason says it already.
+warnings.filterwarnings("ignore", message="Could not parse event in the trace", category=UserWarning)
 
 # events of the past the reference engine sees (and the incremental engine's uncompiled rules)
 DEFAULT_MAX_HISTORY = 2000
@@ -89,7 +96,7 @@ def error_to_match(error: Any, offset: int, rule_index: int | None = None, key: 
         rule_index=rule_index,
         message=error_message(error),
         key=key,
-        addresses=[shift_address(r.json_path, offset) for r in error.ranges],
+        addresses=[shift_address(r.json_path, offset) for r in error.ranges[:MAX_ADDRESSES]],
         kwargs=error_kwargs(error),
     )
 

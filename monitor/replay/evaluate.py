@@ -40,6 +40,7 @@ class ReplayedBatch:
     joined: bool  # the batch joined its session's past
     verdict: Verdict  # as the worker would publish it (a repeat: the stored verdict)
     omitted: tuple[Violation, ...] = ()  # violations past the verdict's cap: alerts only
+    alerted: list[Violation] | None = None  # every violation, whole: one alert each
 
 
 class ReplayEvaluator:
@@ -58,6 +59,9 @@ class ReplayEvaluator:
             verdict_memory=options.verdict_memory, max_record_bytes=max(1024, options.max_record_bytes),
             # no budget unless asked: a verdict must not depend on how busy the machine was
             budget_ms=options.budget_ms,
+            # invariant-ai on threads: with no budget nothing is to be stopped, and replay runs
+            # its shards in processes already
+            engine_processes=0,
         )
         self.worker = BatchEvaluator(policies, self.settings)
         self.table: dict[str, Any] = {}
@@ -91,6 +95,7 @@ class ReplayEvaluator:
 
     def _replayed(self, out: Outcome, source: str, seq: int | None, events: int) -> ReplayedBatch:
         verdict, omitted = out.verdict, out.omitted
+        alerted = out.alerted() if omitted or out.cut else verdict.violations
         assert verdict is not None  # noqa: S101 - the core decides every batch it is given
         # the trace index of the batch's first event: what this policy's past of the session holds
         # (counted here rather than re-reading the session head: same number, less work)
@@ -103,10 +108,10 @@ class ReplayEvaluator:
             batch_id=verdict.batch_id, seq=seq, source=source, events=events, start=start,
             decision=verdict.decision, reason=verdict.reason, duplicate=not out.new, policy_id=verdict.policy_id,
             policy_sha256=verdict.policy_sha256,
-            # an audit lists every violation: the verdict's, and those past its cap that the
-            # worker sends as alerts only
-            violations=verdict.violations + list(omitted) if omitted else verdict.violations, evidence=[])
-        return ReplayedBatch(res, joined=out.joined, verdict=verdict, omitted=omitted)
+            # an audit lists every violation, whole: the verdict's, and those past its cap (or
+            # cut to fit its topic) that the worker sends as alerts only
+            violations=alerted, evidence=[])
+        return ReplayedBatch(res, joined=out.joined, verdict=verdict, omitted=omitted, alerted=alerted)
 
     def close(self) -> None:
         self.worker.close()

@@ -172,7 +172,7 @@ async def _evaluate_items(source: Source, main: ReplayEvaluator, alt: ReplayEval
             if alt is not None:
                 await _compare(alt, item, out, agg, store, summary)
             if publisher is not None:
-                publisher.send(out.verdict, out.omitted)
+                publisher.send(out.verdict, out.alerted)
             agg.ord += 1
             if report is not None and batches % 256 == 0:
                 now = time.monotonic()

@@ -32,7 +32,16 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from monitor.core import LONE_SURROGATE, TOO_DEEP, Rejected, decode_batch, is_unicode
+from monitor.core import (
+    LONE_SURROGATE,
+    TOO_DEEP,
+    IntDigits,
+    Rejected,
+    decode_batch,
+    huge_int_in,
+    huge_int_reason,
+    is_unicode,
+)
 from monitor.models import EventBatch, SourceRef
 from monitor.replay.request import ReplayError, ReplayRequest
 from monitor.report import BadInput, InputFile, Inputs, KafkaInput, PartitionRange
@@ -181,6 +190,7 @@ class FileSource:
         self._named: dict[str, Path] = {}  # session names taken from file names, and by which file
         self._next: dict[str, int] = {}  # per session read from JSON files: its next batch number
         self._check_text = False  # the file being read has surrogate escapes: check what it holds
+        self._huge = False  # the file being read holds integers too long to convert
 
     def describe(self) -> Inputs:
         """The paths as given and every file read, with its sha256."""
@@ -250,8 +260,9 @@ class FileSource:
         data = f.read_bytes()
         self.read.append(InputFile(path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)))
         self.done += len(data)
+        digits = IntDigits()  # an integer too long to read fails its record only, not the file
         try:
-            doc = json.loads(data)
+            doc = json.loads(data, parse_int=digits)
         except RecursionError:
             yield Item(path, bad=BadInput(where=path, file=path, reason=f"not JSON we can read: {TOO_DEEP}"))
             return
@@ -264,6 +275,7 @@ class FileSource:
             return
         self._check_text = (json.detect_encoding(data) not in ("utf-8", "utf-8-sig")
                             or _LONE_SURROGATE_BYTES.search(data) is not None)
+        self._huge = digits.longest > 0
         if isinstance(doc, dict):
             doc = [doc]
             single = True
@@ -294,7 +306,9 @@ class FileSource:
         """An EventBatch made here of ``fields`` (from a trace), or the bad input that says why
         it is none."""
         try:
-            if self._check_text and not is_unicode(fields):
+            if self._huge and huge_int_in(fields):
+                reason = huge_int_reason(huge_int_in(fields))
+            elif self._check_text and not is_unicode(fields):
                 reason = LONE_SURROGATE
             else:
                 return Item(where, batch=EventBatch.model_validate(fields))
@@ -305,6 +319,11 @@ class FileSource:
     def _record(self, where: str, path: str, obj: dict[str, Any]) -> Item:
         """An EventBatch in a .json file, taken exactly as the same record in JSONL or on the
         topic: the worker's decoding (size limit, reasons, a deny when its ids can be read)."""
+        if self._huge and huge_int_in(obj):
+            sid, bid = obj.get("session_id"), obj.get("batch_id")
+            rej = Rejected("invalid", huge_int_reason(huge_int_in(obj)),
+                           sid if isinstance(sid, str) and sid else None, bid if isinstance(bid, str) and bid else None)
+            return Item(where, bad=BadInput(where=where, file=path, reason=rej.reason), rejected=rej)
         try:
             try:
                 raw = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
