@@ -28,6 +28,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -38,7 +39,6 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from monitor import __version__, sandbox
-from monitor.errors import MonitorError
 from monitor.api.analysis import Analyzer, CheckFailed, CompiledPolicy, PolicyCache
 from monitor.api.models import (
     MAX_ID_CHARS,
@@ -48,6 +48,7 @@ from monitor.api.models import (
     BatchRequest,
     BatchResult,
     ErrorBody,
+    ErrorCode,
     Health,
     MonitorCheckRequest,
     PolicyCheckRequest,
@@ -59,7 +60,8 @@ from monitor.api.models import (
 )
 from monitor.api.security import ApiKeys, Guard, RateLimiter
 from monitor.config import DEFAULT_PREFIX, WorkerSettings, env_bootstrap
-from monitor.models import EventBatch, Match
+from monitor.errors import MonitorError
+from monitor.models import EventBatch, Match, plain_events
 from monitor.policy import PolicyLoadError, load_policy_set
 
 log = logging.getLogger("agent_monitor.api")
@@ -67,7 +69,7 @@ log = logging.getLogger("agent_monitor.api")
 SETTINGS_ENV = "AGENT_MONITOR_SERVE_SETTINGS"  # JSON ServeSettings for `serve --workers N`
 INPUT_PHRASE = "Input Validation Error: "  # RemotePolicy raises InvariantInputValidationError on it
 
-STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+STATUS_CODES: dict[int, ErrorCode] = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                 413: "too_large", 422: "policy_error", 429: "rate_limited", 500: "internal",
                 503: "unavailable", 504: "verdict_timeout"}
 
@@ -115,13 +117,13 @@ class ServeSettings(BaseModel):
 class ApiError(MonitorError):
     """An answer in the :class:`ErrorBody` shape."""
 
-    def __init__(self, status: int, code: str, detail: str, where: str | None = None,
+    def __init__(self, status: int, code: ErrorCode, detail: str, where: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail, self.where, self.headers = status, code, detail, where, headers
 
 
-def _error(status: int, code: str, detail: str, where: str | None = None,
+def _error(status: int, code: ErrorCode, detail: str, where: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorBody(error=code, detail=detail, where=where).model_dump(), status, headers)
 
@@ -130,7 +132,7 @@ def _where(loc: tuple | list) -> str:
     return ".".join(str(p) for p in loc) or "body"
 
 
-def _validation_detail(errors: list[dict[str, Any]], limit: int = 5) -> str:
+def _validation_detail(errors: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
     parts = [f"{_where(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:limit]]
     more = len(errors) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
@@ -138,7 +140,7 @@ def _validation_detail(errors: list[dict[str, Any]], limit: int = 5) -> str:
 
 SessionId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="the session's id")]
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 422, 429)}
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for status in (400, 401, 413, 422, 429)}
 SESSION_ERRORS = {**ERRORS, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}}
 
 
@@ -303,7 +305,7 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
         bound_events(("trace", body.trace))
         compiled = await resolve(body.policy, body.policy_id)
         try:
-            matches = await analyzer.analyze(compiled, list(body.trace))
+            matches = await analyzer.analyze(compiled, plain_events(body.trace))
         except CheckFailed as exc:
             raise failed(exc) from None
         shown, omitted = capped(matches)
@@ -323,7 +325,7 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
                            "body.pending_events")
         compiled = await resolve(body.policy, body.policy_id)
         try:
-            matches = await analyzer.check(compiled, list(body.past_events), list(body.pending_events))
+            matches = await analyzer.check(compiled, plain_events(body.past_events), plain_events(body.pending_events))
         except CheckFailed as exc:
             raise failed(exc) from None
         shown, omitted = capped(matches)
@@ -343,7 +345,7 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
         bound_events(("messages", body.messages))
         compiled = await resolve(body.policy, None)
         try:
-            matches = await analyzer.analyze(compiled, list(body.messages), body.parameters)
+            matches = await analyzer.analyze(compiled, plain_events(body.messages), body.parameters)
         except CheckFailed as exc:
             raise failed(exc) from None
         shown, omitted = capped(matches)
