@@ -149,10 +149,10 @@ def test_bootstrap_servers_point_at_the_kafka_listener(compose):
     expected = f"{host}:{port}"
     name, init = _topic_init(compose)
     assert _flag(_command(init), "--bootstrap-servers") == expected
-    for name, service in {**_workers(compose), name: init}.items():
-        assert interpolate(_env(service)["KAFKA_BOOTSTRAP_SERVERS"]) == expected, name
-        assert service["depends_on"]["kafka"]["condition"] == "service_healthy", name
-    for name, worker in _workers(compose).items():
+    for service_name, service in {**_workers(compose), name: init}.items():
+        assert interpolate(_env(service)["KAFKA_BOOTSTRAP_SERVERS"]) == expected, service_name
+        assert service["depends_on"]["kafka"]["condition"] == "service_healthy", service_name
+    for worker in _workers(compose).values():
         assert worker["depends_on"][_topic_init(compose)[0]]["condition"] == "service_completed_successfully"
 
 

@@ -8,10 +8,10 @@ import pytest
 from traces import BENIGN, FLOW, SEND_EMAIL, USER_SEND
 
 from monitor.config import WorkerSettings
+from monitor.core import BatchEvaluator, Rejected, decode_batch
 from monitor.models import EventBatch
 from monitor.policy import PolicySet, load_policy_text
 from monitor.state import HEAD_PREFIX, SessionStore, entry_key
-from monitor.core import BatchEvaluator, Rejected, decode_batch
 
 CRASH = '''
 raise "long message" if:

@@ -24,7 +24,7 @@ from monitor.changelog import ChangelogTable
 from monitor.cli import LIMIT_FLAGS, build_parser
 from monitor.config import WorkerSettings
 from monitor.console import printable_json, render_record
-from monitor.core import STATE_REASON, BatchEvaluator, decode_batch, Rejected
+from monitor.core import STATE_REASON, BatchEvaluator, Rejected, decode_batch
 from monitor.engine import BudgetExceeded
 from monitor.limits import alert_records, fit_dead_letter
 from monitor.metrics import MetricsExposed, WorkerMetrics, serve_metrics
@@ -405,7 +405,7 @@ def test_the_html_report_shows_bidi_characters_escaped(tmp_path):
 
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"session_id": NASTY, "events": [
-        {"role": "user", "content": f"send \u202etxt.exe\u2069 now\nline two"}, SEND_EMAIL]}))
+        {"role": "user", "content": "send \u202etxt.exe\u2069 now\nline two"}, SEND_EMAIL]}))
     run_replay(ReplayRequest(inputs=[str(trace)], policy=str(POLICIES / "send_after_keyword.gr"),
                              out=str(tmp_path / "r.json"), html=str(tmp_path / "r.html"), progress=False))
     page = (tmp_path / "r.html").read_text()

@@ -228,8 +228,8 @@ def test_a_poison_corpus_among_normal_sessions(kafka_bootstrap, topic_prefix, tm
         assert v["decision"] == want and v["reason"] is None, (b.batch_id, v["reason"])
     # every poison record is answered as it must be
     offsets = dict(zip([i for i, k in enumerate(kinds) if k != "normal"], [where[i] for i, k in enumerate(kinds)
-                                                                             if k != "normal"]))
-    for (name, key, value, want), i in zip(poison, offsets):
+                                                                             if k != "normal"], strict=True))
+    for (name, key, value, want), i in zip(poison, offsets, strict=False):
         if want is None:
             assert where[i] in dead, name
             continue

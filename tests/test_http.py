@@ -15,9 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
-
 from engine_diff import calls_function, rules_of
 from http_server import LiveServer
 
@@ -307,7 +305,7 @@ def test_invariant_remote_policy_against_the_server(server):
     param_policy = ('raise "word" if:\n    (m: Message)\n    m.content == input.word\n')
     cases.append({"policy": param_policy, "trace": [{"role": "user", "content": "a"}], "params": {"word": "a"}})
     remote = run_remote(server, cases)
-    for case, got in zip(cases, remote):
+    for case, got in zip(cases, remote, strict=False):
         want = local_outcome(case)
         assert "errors" in got, got
         assert comparable(case["policy"], got["errors"]) == comparable(case["policy"], want["errors"]), case
@@ -322,7 +320,7 @@ def test_invariant_remote_policy_error_kinds(server):
         {"policy": 'raise "x" if:\n    (m: Message)\n    m.content.foo()\n', "trace": [{"role": "user", "content": "a"}]},
     ]
     remote = run_remote(server, cases)
-    for case, got in zip(cases, remote):
+    for case, got in zip(cases, remote, strict=False):
         want = local_outcome(case)
         assert got.get("raises") == want.get("raises"), (got, want)
     assert [g["raises"] for g in remote] == ["InvariantAttributeError", "MissingPolicyParameter",

@@ -35,7 +35,6 @@ def test_local_container_plan_runs_the_api_with_a_key_the_tests_know():
 
     sys.path.insert(0, str(ROOT))
     from deploy.local.stack import environment_for_tests, local_plan
-
     from monitor.api.security import ApiKeys
 
     token = "f" * 64

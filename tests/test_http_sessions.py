@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from http_server import LiveServer
 from workers import worker
 
@@ -42,7 +41,7 @@ def test_sample_sessions_through_http(stack, name):
     _live, client, prefix = stack
     sample = load_sample(SESSIONS / f"{name}.json")
     session = f"{sample.session_id}-{uuid.uuid4().hex[:6]}"
-    for i, (events, expect) in enumerate(zip(sample.batches, sample.expect)):
+    for i, (events, expect) in enumerate(zip(sample.batches, sample.expect, strict=True)):
         r = client.post(f"/api/v1/sessions/{session}/batches", params={"wait": "true", "timeout": 60},
                         json={"batch_id": f"b{i}", "events": events, "policy": sample.policy})
         assert r.status_code == 200, r.text

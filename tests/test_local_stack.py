@@ -96,7 +96,7 @@ def test_every_volume_and_secret_is_mounted_as_the_compose_file_says(plan, compo
         raw = compose["services"][name]
         volumes = [m for m in service.mounts if m.kind != "secret"]
         assert len(volumes) == len(raw.get("volumes") or []), name
-        for spec, mount in zip(raw.get("volumes") or [], volumes):
+        for spec, mount in zip(raw.get("volumes") or [], volumes, strict=False):
             source, target, *mode = spec.split(":")
             assert mount.target == target and mount.read_only == (mode == ["ro"]), spec
             if source.startswith("./"):

@@ -184,7 +184,7 @@ def test_two_workers_share_the_partitions(kafka_bootstrap, topic_prefix, tmp_pat
     for v in sorted(extra, key=lambda v: (v["_partition"], v["_offset"])):
         order[v["session_id"]].append(v["seq"])
     assert all(seqs == list(range(per_session)) for seqs in order.values())
-    for s, p in zip(sessions, plan):
+    for s, p in zip(sessions, plan, strict=False):
         trig = p[1].events[0]["role"] == "user"
         last = groups[(s, f"{s}-b3")][0]
         assert last["decision"] == ("deny" if trig else "allow"), s

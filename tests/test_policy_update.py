@@ -30,7 +30,7 @@ def policy_of(sample: SampleSession) -> LoadedPolicy:
 def verdicts(core: BatchEvaluator, store: SessionStore, sample: SampleSession, start: int, stop: int,
              then: LoadedPolicy | None = None) -> list:
     out = []
-    for i, batch in enumerate(sample.event_batches()[start:stop], start):
+    for batch in sample.event_batches()[start:stop]:
         out.append(asyncio.run(core.evaluate(store, batch, None)).verdict)
     return out
 

@@ -5,15 +5,17 @@ CLI's answers to bad flags and paths. The worker's own Evaluator is the oracle w
 from __future__ import annotations
 
 import asyncio
-import os
 import doctest
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+from test_replay import ROOT, SEND_RULE, batches, call, record, replay, user
 
+import monitor.core
 import monitor.models
 import monitor.policy
 import monitor.replay
@@ -25,14 +27,12 @@ import monitor.replay.tally
 import monitor.report
 import monitor.samples
 import monitor.state
-import monitor.core
 from monitor.config import WorkerSettings
-from monitor.policy import load_policy_set
-from monitor.report import Report
-from monitor.replay import ReplayRequest, run_replay, verify_report
-from monitor.state import SessionStore
 from monitor.core import LONE_SURROGATE, BatchEvaluator, Rejected, decode_batch
-from test_replay import ROOT, SEND_RULE, batches, call, record, replay, user
+from monitor.policy import load_policy_set
+from monitor.replay import ReplayRequest, run_replay, verify_report
+from monitor.report import Report
+from monitor.state import SessionStore
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ from collections import Counter
 
 import pytest
 from confluent_kafka import Producer
+from workers import batch, consume, produce_batches, topics, worker
 
 from monitor.models import EventBatch
 from monitor.replay import ReplayError, ReplayRequest, run_replay, verify_report
 from monitor.report import Report
 from monitor.topics import create_topics
-from workers import batch, consume, produce_batches, topics, worker
 
 FLOW = '''raise "Must not call tool after user uses keyword" if:
     (msg: Message) -> (tool: ToolCall)
@@ -238,8 +238,8 @@ def test_a_sharded_topic_replay_keeps_a_session_whose_records_came_under_other_k
     t = topics(topic_prefix)
     create_topics(kafka_bootstrap, topic_prefix, partitions_override=4)
     p = Producer({"bootstrap.servers": kafka_bootstrap})
-    for i, b in enumerate([batch("s", [USER_SEND], "b0", seq=0), batch("s", [SEND_EMAIL], "b1", seq=1),
-                           batch("t", [USER_HI], "c0", seq=0)]):
+    for b in [batch("s", [USER_SEND], "b0", seq=0), batch("s", [SEND_EMAIL], "b1", seq=1),
+              batch("t", [USER_HI], "c0", seq=0)]:
         p.produce(t.events, key=b.session_id.encode(), value=b.model_dump_json().encode(), partition=0)
     # session s's record keyed by another id, on another partition: rejected, and denied in s
     p.produce(t.events, key=b"other", partition=3,

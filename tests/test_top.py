@@ -17,7 +17,7 @@ import monitor.top
 from monitor.cli import main
 from monitor.metrics import WorkerMetrics, serve_metrics
 from monitor.models import Match, Verdict, Violation
-from monitor.top import Scrape, compute, quantile, render, scrape
+from monitor.top import compute, quantile, render, scrape
 
 TOKEN = "t0ken"
 EVIL = "Leak \x1b[2J\x1b]0;pwned\x07 in \u202egnp.exe [bold red]boom[/] \u200b"

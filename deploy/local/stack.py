@@ -185,7 +185,7 @@ def parse_port(spec: str | int) -> Port:
     if len(parts) == 3:
         ip, host, container = parts
     elif len(parts) == 2:
-        ip, (host, container) = "0.0.0.0", parts
+        ip, (host, container) = "0.0.0.0", parts  # noqa: S104 - compose's default for a published port
     else:
         raise PlanError(f"port {spec!r} names no host port")
     return Port(ip, int(host), int(container), proto or "tcp")
@@ -399,7 +399,7 @@ class Stack:
         from docker.types import Mount as DockerMount
         from testcontainers.core.container import DockerContainer
 
-        assert self._secrets_dir is not None
+        assert self._secrets_dir is not None  # noqa: S101 - the stack was entered (its secrets written)
         mounts = []
         for m in service.mounts:
             if m.kind == "bind":

@@ -226,7 +226,7 @@ def played(stack: Stack, plan: StackPlan) -> Played:
     problems, verdicts, denies = [], [], 0
     with MonitorClient(HOST_BOOTSTRAP, prefix=prefix, connect_timeout=30) as client:
         for sample in samples:
-            for batch, want in zip(sample.event_batches(f"{sample.session_id}-{run}"), sample.expect):
+            for batch, want in zip(sample.event_batches(f"{sample.session_id}-{run}"), sample.expect, strict=True):
                 verdict = client.check_batch(batch, timeout=60)
                 verdicts.append(verdict)
                 denies += verdict.decision == "deny"
