@@ -483,7 +483,16 @@ def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT,
             f"`export {TOKEN_ENV}=$(openssl rand -hex 32)`) and give Prometheus the same bearer token, "
             f"or bind loopback ({HOST_ENV}=127.0.0.1)")
     expected = f"Bearer {token}".encode() if token else None
-    request_timeout = timeout
+    httpd = _capped_server(max_connections)((host, port), _metrics_handler(registry, expected, timeout))
+    thread = threading.Thread(target=httpd.serve_forever, name="agent-monitor-metrics", daemon=True)
+    thread.start()
+    return MetricsServer(httpd, thread)
+
+
+def _metrics_handler(registry: CollectorRegistry, expected: bytes | None,
+                     request_timeout: float) -> type[BaseHTTPRequestHandler]:
+    """:func:`serve_metrics`' requests: ``/metrics`` (with ``Authorization: <expected>`` when
+    that is set) and ``/healthz``; a socket idle for ``request_timeout`` seconds is dropped."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "agent-monitor"
@@ -528,6 +537,12 @@ def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT,
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             log.debug("metrics: " + format, *args)
 
+    return Handler
+
+
+def _capped_server(max_connections: int) -> type[ThreadingHTTPServer]:
+    """A threading HTTP server serving at most ``max_connections`` at once (one more is closed
+    at once)."""
     slots = threading.BoundedSemaphore(max_connections)
 
     class Server(ThreadingHTTPServer):
@@ -554,7 +569,4 @@ def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT,
             finally:
                 slots.release()
 
-    httpd = Server((host, port), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, name="agent-monitor-metrics", daemon=True)
-    thread.start()
-    return MetricsServer(httpd, thread)
+    return Server
