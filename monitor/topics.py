@@ -479,7 +479,7 @@ def generate_schemas() -> dict[str, dict[str, Any]]:
 
     >>> schemas = generate_schemas()
     >>> sorted(schemas)
-    ['Alert', 'DeadLetter', 'EventBatch', 'Verdict']
+    ['Alert', 'DeadLetter', 'EventBatch', 'PolicyRecord', 'ShadowVerdict', 'Verdict']
     >>> schemas["Verdict"]["properties"]["decision"]["enum"]
     ['allow', 'deny']
     """
@@ -507,8 +507,14 @@ def write_schemas(folder: str | os.PathLike[str] | None = None) -> list[Path]:
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as d:
-    ...     [p.name for p in write_schemas(d)]
-    ['EventBatch.schema.json', 'Verdict.schema.json', 'Alert.schema.json', 'DeadLetter.schema.json']
+    ...     for p in write_schemas(d):
+    ...         print(p.name)
+    EventBatch.schema.json
+    Verdict.schema.json
+    Alert.schema.json
+    DeadLetter.schema.json
+    PolicyRecord.schema.json
+    ShadowVerdict.schema.json
     """
     target = Path(folder) if folder is not None else DEFAULT_SCHEMA_DIR
     target.mkdir(parents=True, exist_ok=True)
