@@ -45,7 +45,7 @@ images: $(STAMP) docker-tools
 # docker-compose.yml's stack in containers (tests/containers): images rebuilt from the working tree,
 # then Kafka, topics, two workers, Prometheus, the sample sessions from the host; not part of `make test`
 test-containers: $(STAMP) docker-tools
-	start=$$(date +%s); deploy/local/with-dockerd sh -c '$(BIN)/python -m deploy.local.images && $(BIN)/python -m pytest -q tests/containers tests/test_local_stack.py'; rc=$$?; \
+	start=$$(date +%s); deploy/local/with-dockerd sh -c '$(BIN)/python -m deploy.local.images && $(BIN)/python -m pytest -q tests/containers tests/deploy/test_local_stack.py'; rc=$$?; \
 	echo "make test-containers: exit $$rc after $$(( $$(date +%s) - start ))s"; exit $$rc
 
 demo: jars

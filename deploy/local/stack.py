@@ -4,7 +4,7 @@
 the images ``make images`` builds), and turns every service into what to run: image, command,
 environment, ports, volumes, secrets, healthcheck, replicas, hardening, start order. Nothing about
 a service is written down twice: the container tests start exactly this plan, and
-``tests/test_local_stack.py`` (no Docker needed) checks the plan against the compose file, so the
+``tests/deploy/test_local_stack.py`` (no Docker needed) checks the plan against the compose file, so the
 two cannot drift. A key of a service that this module does not know fails the plan: a new compose
 setting needs a decision here (apply it, or say why not).
 

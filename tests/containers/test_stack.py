@@ -1,5 +1,5 @@
 """docker-compose.yml's stack in real containers (``make test-containers``; not part of ``make test``:
-tests/conftest.py collects this folder only when it is named, as ``pytest tests/containers``).
+tests/deploy/conftest.py collects this folder only when it is named, as ``pytest tests/containers``).
 
 The plan comes from the compose file itself with the local override (deploy/local/stack.py): the
 Kafka image built here, ``agent-monitor topics create`` from the worker image, two worker replicas

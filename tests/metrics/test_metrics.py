@@ -216,7 +216,7 @@ def test_runtime_counters_are_read_when_scraped():
 
     m = WorkerMetrics()
     assert m.value("agent_monitor_rebalances_total") == 0 and m.value("agent_monitor_assigned_partitions") == 0
-    # the attributes monitor.runtime.Runtime keeps; the real one is scraped in tests/test_prometheus.py
+    # the attributes monitor.runtime.Runtime keeps; the real one is scraped in tests/metrics/test_prometheus.py
     runtime = SimpleNamespace(rebalances=1, commits=10, aborts=0, assignment=[0, 2])
     m.attach_runtime(runtime)
     runtime.rebalances, runtime.aborts, runtime.assignment = 3, 1, [0, 2, 5]

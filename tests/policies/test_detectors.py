@@ -13,7 +13,7 @@ from monitor import detectors
 from monitor.engine import make_engine
 from monitor.policy import load_policy_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED_POLICY = json.loads((ROOT / "tests" / "data" / "seed001_monitor_check.json").read_text())["policy"]
 
 

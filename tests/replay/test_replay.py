@@ -13,7 +13,7 @@ import pytest
 from monitor.replay import ReplayRequest, run_replay, verify_report
 from monitor.report import Report, strip_volatile
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SEND_RULE = '''raise "Must not call tool after user uses keyword" if:
     (msg: Message) -> (tool: ToolCall)

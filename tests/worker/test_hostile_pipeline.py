@@ -23,7 +23,7 @@ from workers import batch, topics, worker
 
 from monitor.models import EventBatch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "examples" / "policies"
 
 USER_SEND = {"role": "user", "content": "send it"}

@@ -17,7 +17,7 @@ from monitor.api.security import ApiKeys, new_key
 from monitor.samples import load_sample
 from monitor.topics import create_topics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "examples" / "policies"
 SESSIONS = ROOT / "examples" / "sessions"
 KEY, KEY_LINE = new_key("sessions")

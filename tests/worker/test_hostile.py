@@ -1,7 +1,7 @@
 """Issue 11's reproductions, each a test: hostile input cannot stop, starve or flood the monitor.
 
 These run the worker's core (decoding, engines, the outputs it would produce) without a broker;
-tests/test_hostile_pipeline.py sends the same records through a real worker on a real broker.
+tests/worker/test_hostile_pipeline.py sends the same records through a real worker on a real broker.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from monitor.policy import PolicySet, load_policy_set, load_policy_text
 from monitor.state import SessionStore
 from monitor.worker import state_record_guard
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "examples" / "policies"
 TOPIC_LIMIT = 1_048_588  # max.message.bytes of the verdicts and alerts topics (topics/topics.toml)
 STATE_TOPIC_LIMIT = 2_097_152  # of the changelog and dead-letter topics

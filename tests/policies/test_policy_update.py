@@ -19,7 +19,7 @@ from monitor.policy import LoadedPolicy, PolicySet, load_policy, load_policy_tex
 from monitor.samples import SampleSession, load_samples
 from monitor.state import SessionStore
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = [s for s in load_samples(ROOT / "examples" / "sessions") if len(s.batches) > 1]
 
 

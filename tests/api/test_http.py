@@ -23,7 +23,7 @@ from monitor.api.app import ServeSettings
 from monitor.api.security import ApiKeys, new_key
 from monitor.policy import PolicyLoadError, load_policy, load_policy_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "examples" / "policies"
 SEED = json.loads((ROOT / "tests" / "data" / "seed001_monitor_check.json").read_text())
 KEY, KEY_LINE = new_key("tests")

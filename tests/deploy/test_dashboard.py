@@ -1,7 +1,7 @@
 """deploy/grafana/dashboard.json as Grafana 12.0 (docker-compose.yml's) reads it, without a Grafana
-server (none can be installed here): tests/grafana_dashboard.py holds the schema and the rules.
+server (none can be installed here): tests/deploy/grafana_dashboard.py holds the schema and the rules.
 Every panel's PromQL runs against a real Prometheus scraping a real worker in
-tests/test_prometheus.py."""
+tests/metrics/test_prometheus.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from grafana_dashboard import problems
 
 from monitor.metrics import METRICS
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboard.json"
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from monitor.policy import load_policy_set
 from monitor.top import buckets, quantile, scrape
 from monitor.worker_process import WorkerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 RULE_MESSAGE = "Must not call tool after user uses keyword"
 SESSIONS = 40

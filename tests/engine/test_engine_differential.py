@@ -20,15 +20,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from engine_diff import differences, splits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from engine_diff import differences, splits  # noqa: E402
-
-from monitor.engine.incremental import IncrementalEngine  # noqa: E402
-from monitor.policy import PolicyLoadError, load_policy_text  # noqa: E402
+from monitor.engine.incremental import IncrementalEngine
+from monitor.policy import PolicyLoadError, load_policy_text
 
 # detectors that reach the network or need models that are not installed: not run here
 NETWORK = ("is_similar", "llm", "moderated", "prompt_injection", "pii", "semgrep", "fuzzy_contains",

@@ -17,14 +17,9 @@ from monitor.config import WorkerSettings
 from monitor.metrics import METRICS
 from monitor.topics import load_spec, topic_specs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 _VAR = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
-
-
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
 def interpolate(value: str, env: dict[str, str] | None = None) -> str:
@@ -238,8 +233,8 @@ def test_prometheus_scrapes_the_workers_with_the_token(compose):
 
 
 def _exported_names() -> set[str]:
-    """Sample names of every metric the worker exports (tests/test_metrics.py checks METRICS against
-    a populated registry; tests/test_prometheus.py against a running worker's /metrics)."""
+    """Sample names of every metric the worker exports (tests/metrics/test_metrics.py checks METRICS against
+    a populated registry; tests/metrics/test_prometheus.py against a running worker's /metrics)."""
     suffixes = {"counter": [""], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     return {name + s for name, (kind, _labels, _doc) in METRICS.items() for s in suffixes[kind]}
 

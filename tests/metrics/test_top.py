@@ -1,7 +1,7 @@
 """agent-monitor top against real /metrics endpoints (monitor.metrics.serve_metrics with a token):
 rates over two scrapes, latency percentiles as Prometheus computes them, workers that are down or
 refuse the token, and agent-chosen strings that must never reach the terminal as control codes.
-tests/test_prometheus.py runs it against a real worker too."""
+tests/metrics/test_prometheus.py runs it against a real worker too."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_counters_that_went_down_mean_a_restart(worker):
 
 
 def test_quantile_agrees_with_prometheus_on_edges():
-    # (Prometheus itself computes the same buckets in tests/test_prometheus.py)
+    # (Prometheus itself computes the same buckets in tests/metrics/test_prometheus.py)
     assert quantile(0.5, {1.0: 0, 2.0: 10, math.inf: 10}) == 1.5
     assert quantile(1.0, {1.0: 10, math.inf: 10}) == 1.0
     assert quantile(0.5, {}) is None

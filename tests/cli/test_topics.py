@@ -37,7 +37,7 @@ from monitor.topics import (
     write_schemas,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_DIR = ROOT / "topics" / "schemas"
 
 

@@ -19,7 +19,7 @@ from monitor.models import EventBatch, Verdict
 from monitor.samples import SampleError, read_batches
 from monitor.topics import create_topics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "examples" / "policies"
 SESSIONS = ROOT / "examples" / "sessions"
 from workers import read_messages
@@ -209,7 +209,7 @@ def test_produce_jsonl_lands_records(kafka_bootstrap: str, topics: TopicNames, t
 
 def test_produce_sample_wait_compares_with_expectations(kafka_bootstrap: str, topics: TopicNames,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from test_client import FakeResponder  # allows everything that does not say "deny"
+    from workers import FakeResponder  # allows everything that does not say "deny"
 
     with FakeResponder(kafka_bootstrap, topics):
         code = main(["produce", str(SESSIONS / "flow_send_email_split.json"), "-b", kafka_bootstrap,

@@ -6,12 +6,10 @@ import asyncio
 import doctest
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ["INVARIANT_MAX_ITERATIONS"] = str(10**12)
 
 from engine_diff import differences  # noqa: E402
@@ -24,7 +22,7 @@ from monitor.engine.base import EngineError, SessionState  # noqa: E402
 from monitor.engine.incremental import IncrementalEngine  # noqa: E402
 from monitor.policy import load_policy_text  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEND = '''raise "send" if:
     (msg: Message) -> (tool: ToolCall)
     msg.role == "user"

@@ -217,7 +217,7 @@ def test_detectors_that_run_programs_still_work_in_the_sandbox() -> None:
     own code (sandbox.trusted), so a policy that calls them still gets its verdict."""
     from monitor.policy import load_policy
 
-    semgrep = load_policy(Path(__file__).parent.parent / "examples" / "policies" / "semgrep_in_code.gr")
+    semgrep = load_policy(Path(__file__).resolve().parents[2] / "examples" / "policies" / "semgrep_in_code.gr")
     core = BatchEvaluator(PolicySet.single(semgrep), WorkerSettings(policy_path="-"))
     call = {"type": "function", "id": "1", "function": {"name": "ipython_run_cell",
                                                         "arguments": {"code": "import os\nos.system(input())"}}}

@@ -21,7 +21,7 @@ from monitor.samples import (
     verify_sample,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "examples" / "policies"
 SESSIONS = ROOT / "examples" / "sessions"
 SAMPLES = load_samples(SESSIONS)

@@ -21,7 +21,6 @@ from test_deploy import interpolate
 from deploy.local import images
 from deploy.local.stack import (
     APPLIED,
-    COMPOSE_FILE,
     NOT_APPLIED,
     OVERRIDE_FILE,
     PlanError,
@@ -33,17 +32,12 @@ from deploy.local.stack import (
 )
 from deploy.local.stack import interpolate as stack_interpolate
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "0123456789abcdef" * 4
 ENV = environment_for_tests(TOKEN)
 # the image each service runs in place of the compose file's (and the image itself where it is built here)
 LOCAL_IMAGES = {"kafka": images.KAFKA_IMAGE, "topics-init": images.WORKER_IMAGE, "worker": images.WORKER_IMAGE,
                 "api": images.WORKER_IMAGE, "prometheus": images.PROMETHEUS_IMAGE}
-
-
-@pytest.fixture(scope="module")
-def compose() -> dict:
-    return yaml.safe_load(COMPOSE_FILE.read_text())
 
 
 @pytest.fixture(scope="module")
