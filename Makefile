@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install jars browser prometheus docker-tools images test-containers demo test test-unit fuzz bench-engine bench-live chaos bench-replay bench-replay-instructions bench-http serve broker-start broker-stop clean
+.PHONY: install jars browser prometheus docker-tools images lint test-containers demo test test-unit fuzz bench-engine bench-live chaos bench-replay bench-replay-instructions bench-http serve broker-start broker-stop clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11 or newer is needed"'
@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# ruff (pyflakes, import order, bugbear, bandit, ...) and mypy (strict on the worker's core and the
+# SDK), as configured in pyproject.toml: the first step of `make test` and `make test-unit`
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 jars: $(STAMP)
 	$(BIN)/agent-monitor broker fetch
@@ -39,16 +45,16 @@ images: $(STAMP) docker-tools
 # docker-compose.yml's stack in containers (tests/containers): images rebuilt from the working tree,
 # then Kafka, topics, two workers, Prometheus, the sample sessions from the host; not part of `make test`
 test-containers: $(STAMP) docker-tools
-	start=$$(date +%s); deploy/local/with-dockerd sh -c '$(BIN)/python -m deploy.local.images && $(BIN)/python -m pytest -q tests/containers tests/test_local_stack.py'; rc=$$?; \
+	start=$$(date +%s); deploy/local/with-dockerd sh -c '$(BIN)/python -m deploy.local.images && $(BIN)/python -m pytest -q tests/containers tests/deploy/test_local_stack.py'; rc=$$?; \
 	echo "make test-containers: exit $$rc after $$(( $$(date +%s) - start ))s"; exit $$rc
 
 demo: jars
 	$(BIN)/agent-monitor demo
 
-test: jars browser prometheus
+test: lint jars browser prometheus
 	$(BIN)/python -m pytest -q
 
-test-unit: $(STAMP) prometheus
+test-unit: lint prometheus
 	$(BIN)/python -m pytest -q -m 'not integration'
 
 # 100,000 seeded hostile records through decoding and evaluation: bench/results/fuzz.json
@@ -89,4 +95,4 @@ broker-stop: $(STAMP)
 	$(BIN)/agent-monitor broker stop
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache build *.egg-info

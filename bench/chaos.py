@@ -13,7 +13,7 @@ One run, for one guarantee:
 
 ``make chaos`` runs it with 100,000 batches over 2,000 sessions under both guarantees and writes
 ``bench/results/chaos.json`` (the exactly-once figures at the top level, at-least-once under
-``"at_least_once"``); ``tests/test_chaos.py`` runs a short version in ``make test``.
+``"at_least_once"``); ``tests/worker/test_chaos.py`` runs a short version in ``make test``.
 A worker that exits by itself (not killed) is restarted too, and counted in ``worker_exits``.
 """
 

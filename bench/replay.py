@@ -105,7 +105,7 @@ def _replay_child(args: tuple, queue: mp.Queue) -> None:
                                    verdict_memory=verdict_memory))
     seconds = time.perf_counter() - t0
     c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = sum(b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime for a, b in zip(c0, c1))
+    cpu = sum(b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime for a, b in zip(c0, c1, strict=False))
     t = res.report.totals
     # the replay's own process plus its shard processes (an upper bound: forked pages are shared)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -322,7 +322,7 @@ class LocalBroker:
         return self
 
     def info(self) -> BrokerInfo:
-        assert self.proc is not None
+        assert self.proc is not None  # noqa: S101 - only a started broker has its info
         return BrokerInfo(self.proc.pid, self.bootstrap_servers, self.controller_port,
                           str(self.data_dir), str(self.data_dir / "broker.log"), self.version)
 
@@ -400,8 +400,7 @@ def daemon_start(port: int | None = None, timeout: float = 90.0) -> BrokerInfo:
         return running
     data = state_dir() / "data"
     shutil.rmtree(data, ignore_errors=True)
-    broker = LocalBroker(data_dir=data, port=port)
-    broker._own_dir = False
+    broker = LocalBroker(data_dir=data, port=port)  # (a given data_dir is kept: not its own)
     broker.start(timeout)
     info = broker.info()
     _info_file().write_text(json.dumps(info.__dict__, indent=2))

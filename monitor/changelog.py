@@ -144,7 +144,7 @@ class ChangelogTable(MutableMapping[str, Any]):
             raise KeyError(key)
         self.pop(key)
 
-    def pop(self, key: str, default: Any = _MISSING) -> Any:  # type: ignore[override]
+    def pop(self, key: str, default: Any = _MISSING) -> Any:
         old = self._data.pop(key, _MISSING)
         if old is _MISSING:
             if default is _MISSING:
@@ -208,7 +208,7 @@ def restore(bootstrap: str, topic: str, partitions: list[int], timeout: float = 
             for m in take(consumer, 10_000, 0.5):
                 err = m.error()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
+                    if err.code() == KafkaError._PARTITION_EOF:  # noqa: SLF001 - confluent-kafka's public name
                         p = m.partition()
                         if p in ends and m.offset() >= ends[p]:
                             del ends[p]

@@ -7,8 +7,8 @@ Exit codes: 0 success, 1 the command ran but failed (e.g. a verdict differed fro
 
 Example::
 
-    >>> main(["policy", "check", "examples/policies/copyright.gr"])  # doctest: +SKIP
-    examples/policies/copyright.gr: ok (1 rule, policy id copyright, sha256 1f2e...)
+    >>> main(["policy", "check", "examples/policies/copyright.gr"])  # doctest: +ELLIPSIS
+    examples/policies/copyright.gr: ok (1 rule, policy id copyright, sha256 ...)
     0
 """
 
@@ -24,18 +24,17 @@ from typing import Any
 from pydantic import ValidationError
 
 from monitor import sandbox, signing
-from monitor.argtypes import host_ports, int_at_least, kinds_of, metrics_url, non_negative_float, port, positive_float
 from monitor.api.cli import register_cli as register_serve
+from monitor.argtypes import host_ports, int_at_least, kinds_of, metrics_url, non_negative_float, port, positive_float
 from monitor.cli_options import CliError, allow_import_arg, bootstrap_of, kafka_args, prefix_of
 from monitor.config import FAIL_OPEN_KINDS, WorkerSettings
-from monitor.core import short_validation
 from monitor.console import make_console, printable_json, render_record, render_verdict
+from monitor.core import short_validation
 from monitor.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MonitorError
 from monitor.policy import parse_policies
 from monitor.registry_cli import register_cli as register_registry
 from monitor.replay.cli import register_cli as register_replay
 from monitor.samples import read_batches
-
 
 # -- run ----------------------------------------------------------------------------------------
 

@@ -167,7 +167,8 @@ def wait_for_broker(bootstrap: str, timeout: float = DEFAULT_CONNECT_TIMEOUT,
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": _KAFKA_LOG, **dict(config or {})})
+    conf: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": _KAFKA_LOG, **dict(config or {})}
+    admin = AdminClient(conf)
     try:
         md = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
@@ -407,8 +408,8 @@ class MonitorClient:
         >>> b.session_id, b.batch_id, b.trace()
         ('s1', 'b1', [{'role': 'user', 'content': 'hi'}])
         """
-        evs = [e.model_dump(mode="json", exclude_unset=True) if isinstance(e, BaseModel) else dict(e)
-               for e in events]
+        evs: list[Any] = [e.model_dump(mode="json", exclude_unset=True) if isinstance(e, BaseModel)
+                          else dict(e) for e in events]  # (EventBatch validates them)
         meta = metadata if isinstance(metadata, BatchMetadata) else BatchMetadata(**dict(metadata or {}))
         return EventBatch(session_id=session_id, batch_id=batch_id or uuid.uuid4().hex, seq=seq,
                           events=evs, policy=policy, metadata=meta)
@@ -529,7 +530,9 @@ class MonitorClient:
 
     async def acheck_batch(self, batch: EventBatch, timeout: float = DEFAULT_CHECK_TIMEOUT) -> Verdict:
         """:meth:`check_batch` for asyncio; many can be awaited concurrently."""
-        listener = self._listener or await asyncio.to_thread(self._get_listener)
+        listener = self._listener
+        if listener is None:
+            listener = await asyncio.to_thread(self._get_listener)
         fut = listener.expect(batch.session_id, batch.batch_id)
         try:
             async with asyncio.timeout(timeout):
@@ -589,7 +592,8 @@ class MonitorClient:
 def _UNREACHABLE_CODES() -> tuple[int, ...]:
     from confluent_kafka import KafkaError
 
-    return (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._MSG_TIMED_OUT)
+    # (librdkafka's local error codes: underscored in confluent-kafka, yet its public API)
+    return (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._MSG_TIMED_OUT)  # noqa: SLF001
 
 
 # -- typed consumers of the output topics ---------------------------------------------------------

@@ -105,7 +105,7 @@ class WorkerSettings(BaseModel):
     max_state_record_bytes: int = Field(default=2_000_000, ge=4096, le=2_097_000, description=(
         "bytes of one state (changelog) or dead-letter record (the topics take 2 MiB); a batch "
         "whose state would need a larger one is denied and does not join the past"))
-    fail_open_kinds: list[FailOpenKind] = Field(default_factory=lambda: ["timeout"], description=(
+    fail_open_kinds: list[FailOpenKind] = Field(default_factory=lambda: list[FailOpenKind](["timeout"]), description=(
         "with fail_closed=False, the kinds of failed check that allow: timeout (the budget ran "
         "out), error (the policy raised on a batch the schema accepts: input can choose that)"))
     engine_processes: int = Field(default=2, ge=0, description=(

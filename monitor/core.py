@@ -49,7 +49,17 @@ from monitor.engine import BudgetExceeded, CheckResult, Engine, EngineError, Mat
 from monitor.engine.isolation import IsolatedPool
 from monitor.errors import MonitorError
 from monitor.limits import fit_verdict
-from monitor.models import Action, Alert, DeadLetter, EventBatch, ShadowVerdict, SourceRef, Verdict, Violation
+from monitor.models import (
+    Action,
+    Alert,
+    DeadLetter,
+    DeadLetterKind,
+    EventBatch,
+    ShadowVerdict,
+    SourceRef,
+    Verdict,
+    Violation,
+)
 from monitor.policy import LoadedPolicy, PolicySet
 from monitor.state import SessionHead, SessionStore, StateCorrupted, StateTooLarge
 
@@ -65,7 +75,7 @@ FAILURE_PREFIXES = (BUDGET_REASON, ERROR_REASON, FAILED_REASON)
 class Rejected(MonitorError):
     """A record that is not a valid EventBatch; carries what the dead letter needs."""
 
-    def __init__(self, kind: str, reason: str, session_id: str | None = None,
+    def __init__(self, kind: DeadLetterKind, reason: str, session_id: str | None = None,
                  batch_id: str | None = None) -> None:
         reason = clip(reason, MAX_REASON_CHARS)  # a reason may quote input: never unbounded
         super().__init__(reason)
@@ -291,7 +301,7 @@ def batch_id_of(value: bytes | None) -> str | None:
 
 def rejected_verdict(rejected: Rejected, source: SourceRef | None) -> Verdict:
     """The deny an agent gets for a record that could not be checked."""
-    assert rejected.session_id and rejected.batch_id
+    assert rejected.session_id and rejected.batch_id  # noqa: S101 - only an addressable refusal is denied
     return Verdict(session_id=rejected.session_id, batch_id=rejected.batch_id, decision="deny",
                    source=source, reason=f"rejected record ({rejected.kind}): {rejected.reason}")
 
@@ -458,9 +468,9 @@ class BatchEvaluator:
             return await self.evaluate(store, batch, source)
         except Exception as exc:  # noqa: BLE001 - one record costs only itself
             log.exception("processing %s failed", source)
-            rej = Rejected("internal", f"the worker failed on this record: {type(exc).__name__}: {exc}",
-                           batch.session_id, batch.batch_id)
-            return await self._refused(store, rej, key, value, source)
+            failed = Rejected("internal", f"the worker failed on this record: {type(exc).__name__}: {exc}",
+                              batch.session_id, batch.batch_id)
+            return await self._refused(store, failed, key, value, source)
 
     async def _refused(self, store: SessionStore, rej: Rejected, key: bytes | None,
                        value: bytes | None, source: SourceRef | None) -> Outcome:
@@ -469,7 +479,7 @@ class BatchEvaluator:
         if not rej.addressable:
             return Outcome(None, dead_letter=dead)
         # its state lives on this partition only when the key is its session id: remember the deny
-        keyed = bool(key) and key.decode("utf-8", "replace") == rej.session_id
+        keyed = bool(key and key.decode("utf-8", "replace") == rej.session_id)
         try:
             out = await self.reject(store, rej, source, remember=keyed)
         except Exception:  # noqa: BLE001 - the store failed too: the deny is still owed
@@ -541,7 +551,8 @@ class BatchEvaluator:
             shadow, more = await self._shadow(candidate, store, head, batch, verdict, fields)
         cap = self.settings.max_verdict_violations
         try:
-            new_state = result.advance(state) if joins else None  # type: ignore[union-attr]
+            # (joins only when the check ran: on a state, with a result)
+            new_state = result.advance(state) if joins and result is not None and state is not None else None
             if new_state is not None and len(new_state.log) > self.settings.max_session_entries:
                 raise StateTooLarge(
                     f"it would keep {len(new_state.log)} entries for policy {policy.policy_id!r}, over the "
@@ -549,7 +560,7 @@ class BatchEvaluator:
             out = self._remember(
                 store, head, verdict, events=n,
                 policy_id=policy.policy_id if joins else None, new_state=new_state,
-                appended=result.appended if joins else None,  # type: ignore[union-attr]
+                appended=result.appended if joins and result is not None else None,
                 more=more, forget=self._gone_candidates(head),
                 raw=batch.trace() if joins and self.settings.policy_registry and not engine.state_is_raw else None,
                 history=self.settings.reference_max_history,

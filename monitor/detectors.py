@@ -23,9 +23,6 @@ Example::
 
 from __future__ import annotations
 
-from monitor import sandbox
-from monitor.errors import MonitorError
-
 import asyncio
 import hashlib
 import json
@@ -37,6 +34,9 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+
+from monitor import sandbox
+from monitor.errors import MonitorError
 
 RULES_DIR = Path(__file__).parent / "semgrep_rules"
 SUFFIXES = {"python": ".py", "bash": ".sh"}
@@ -256,7 +256,8 @@ class OfflinePII:
                 engine = SpacyNlpEngine(models=[{"lang_code": "en",
                                                  "model_name": self.model or "blank:en"}])
                 # set before AnalyzerEngine sees it: presidio's load() would download a missing model
-                engine.nlp = {"en": spacy.load(self.model) if self.model else spacy.blank("en")}
+                # (presidio types nlp as None until its own load() fills it)
+                engine.nlp = {"en": spacy.load(self.model) if self.model else spacy.blank("en")}  # type: ignore[assignment]
                 self._analyzer = AnalyzerEngine(nlp_engine=engine, supported_languages=["en"])
             return self._analyzer
 
@@ -284,8 +285,8 @@ def install() -> None:
         import importlib
 
         # (by module path: the package's names `pii` and `semgrep` are the functions, not modules)
-        code = importlib.import_module("invariant.analyzer.stdlib.invariant.detectors.code")
-        pii = importlib.import_module("invariant.analyzer.stdlib.invariant.detectors.pii")
+        code: Any = importlib.import_module("invariant.analyzer.stdlib.invariant.detectors.code")
+        pii: Any = importlib.import_module("invariant.analyzer.stdlib.invariant.detectors.pii")
         # both modules keep their detector in a global they create on first use: fill it first
         code.SEMGREP_DETECTOR = SEMGREP
         pii.PII_ANALYZER = PII

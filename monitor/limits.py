@@ -33,7 +33,7 @@ Example::
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from monitor.models import Alert, DeadLetter, Match, Severity, ShadowVerdict, Verdict, Violation, make_alert_id
 
@@ -69,7 +69,7 @@ def summary_match(rule_index: int, message: str | None, listed: int, end: int, w
 
 
 def cap_matches(matches: Sequence[Match], rule_cap: int, batch_cap: int, end: int,
-                messages: dict[int, str | None] | None = None) -> list[Match]:
+                messages: Mapping[int, str | None] | None = None) -> list[Match]:
     """``matches`` as an engine that enumerates within the caps would report them: the first
     ``rule_cap`` of each rule and ``batch_cap`` in all, then one :func:`summary_match` per rule
     that had more (for engines that compute every match, such as invariant-ai's own).

@@ -58,7 +58,7 @@ from monitor.registry import REFUSAL_REASONS
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "AGENT_MONITOR_METRICS_TOKEN"
+TOKEN_ENV = "AGENT_MONITOR_METRICS_TOKEN"  # noqa: S105 - the variable's name, not a token
 """Bearer token required on /metrics when set (as invariant-server's ``PROMETHEUS_TOKEN``)."""
 
 HOST_ENV = "AGENT_MONITOR_METRICS_HOST"
@@ -146,7 +146,7 @@ class Buckets:
 
     def cumulative(self) -> list[tuple[str, int]]:
         counts, total, out = list(self.counts), 0, []
-        for bound, n in zip((*self.bounds, float("inf")), counts):
+        for bound, n in zip((*self.bounds, float("inf")), counts, strict=False):
             total += n
             out.append((floatToGoString(bound), total))
         return out
@@ -354,11 +354,11 @@ class _Collector:
             f = family(name)
             for (rule, severity), n in sorted(dict(counts).items()):
                 f.add_metric([rule, severity], n)
-        for name, counts in (("agent_monitor_dead_letters_total", m.dead_letters),
-                             ("agent_monitor_policy_failures_total", m.policy_failures),
-                             ("agent_monitor_policy_records_refused_total", m.records_refused)):
+        for name, by_kind in (("agent_monitor_dead_letters_total", m.dead_letters),
+                              ("agent_monitor_policy_failures_total", m.policy_failures),
+                              ("agent_monitor_policy_records_refused_total", m.records_refused)):
             f = family(name)
-            for kind, n in sorted(dict(counts).items()):
+            for kind, n in sorted(dict(by_kind).items()):
                 f.add_metric([kind], n)
         f = family("agent_monitor_check_seconds")
         for engine, buckets in sorted(dict(m.check_seconds).items()):
@@ -483,7 +483,16 @@ def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT,
             f"`export {TOKEN_ENV}=$(openssl rand -hex 32)`) and give Prometheus the same bearer token, "
             f"or bind loopback ({HOST_ENV}=127.0.0.1)")
     expected = f"Bearer {token}".encode() if token else None
-    request_timeout = timeout
+    httpd = _capped_server(max_connections)((host, port), _metrics_handler(registry, expected, timeout))
+    thread = threading.Thread(target=httpd.serve_forever, name="agent-monitor-metrics", daemon=True)
+    thread.start()
+    return MetricsServer(httpd, thread)
+
+
+def _metrics_handler(registry: CollectorRegistry, expected: bytes | None,
+                     request_timeout: float) -> type[BaseHTTPRequestHandler]:
+    """:func:`serve_metrics`' requests: ``/metrics`` (with ``Authorization: <expected>`` when
+    that is set) and ``/healthz``; a socket idle for ``request_timeout`` seconds is dropped."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "agent-monitor"
@@ -506,7 +515,7 @@ def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT,
                     self._send(401, b"unauthorized\n", "text/plain; charset=utf-8",
                                {"WWW-Authenticate": 'Bearer realm="agent-monitor metrics"'})
                     return
-            encoder, content_type = choose_encoder(self.headers.get("Accept"))
+            encoder, content_type = choose_encoder(self.headers.get("Accept") or "")
             try:
                 body = encoder(registry)
             except Exception:  # noqa: BLE001 - a broken collector must not kill the server
@@ -528,6 +537,12 @@ def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT,
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             log.debug("metrics: " + format, *args)
 
+    return Handler
+
+
+def _capped_server(max_connections: int) -> type[ThreadingHTTPServer]:
+    """A threading HTTP server serving at most ``max_connections`` at once (one more is closed
+    at once)."""
     slots = threading.BoundedSemaphore(max_connections)
 
     class Server(ThreadingHTTPServer):
@@ -554,7 +569,4 @@ def serve_metrics(registry: CollectorRegistry, port: int = DEFAULT_METRICS_PORT,
             finally:
                 slots.release()
 
-    httpd = Server((host, port), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, name="agent-monitor-metrics", daemon=True)
-    thread.start()
-    return MetricsServer(httpd, thread)
+    return Server

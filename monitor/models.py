@@ -18,8 +18,9 @@ import base64
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Final, Literal, Union, cast
 
 from pydantic import (
     BaseModel,
@@ -32,9 +33,10 @@ from pydantic import (
     model_validator,
     with_config,
 )
+from pydantic.json_schema import JsonDict
 from typing_extensions import NotRequired, TypedDict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 Decision = Literal["allow", "deny"]
 Severity = Literal["low", "medium", "high", "critical"]
@@ -95,6 +97,11 @@ Event = Annotated[
 ]
 
 
+def plain_events(events: Iterable[Event]) -> list[dict[str, Any]]:
+    """``events`` in a new list, as the plain dicts they are (each kind of event is a TypedDict)."""
+    return cast(list[dict[str, Any]], list(events))
+
+
 class BatchMetadata(_Open):
     agent: str | None = None
     tenant: str | None = None
@@ -102,7 +109,7 @@ class BatchMetadata(_Open):
 
 
 # the JSON Schema says what the validator below says: no events only with end_session
-_EVENTS_UNLESS_END = {
+_EVENTS_UNLESS_END: JsonDict = {
     "if": {"properties": {"end_session": {"const": True}}, "required": ["end_session"]},
     "else": {"properties": {"events": {"minItems": 1}}, "required": ["events"]},
 }
@@ -136,7 +143,7 @@ class EventBatch(BaseModel):
 
     def trace(self) -> list[dict[str, Any]]:
         """The events exactly as the agent sent them, in Invariant's input format."""
-        return list(self.events)
+        return plain_events(self.events)
 
 
 class SourceRef(BaseModel):

@@ -195,8 +195,8 @@ def load_policy(path: str | Path, policy_id: str | None = None) -> LoadedPolicy:
     """Load one policy file or a folder of them; each file is parsed on its own first so that an
     error names the right file and line.
 
-    >>> load_policy("examples/policies/dataflow.gr").policy_id  # doctest: +SKIP
-    'dataflow'
+    >>> load_policy("examples/policies/send_after_keyword.gr").policy_id
+    'send_after_keyword'
     """
     files = policy_files(path)
     texts = []

@@ -352,8 +352,11 @@ def read_records(bootstrap: str, topic: str, timeout: float = 30.0) -> list[tupl
                 continue
             if m.error():
                 continue
-            positions[m.partition()] = m.offset() + 1
-            out.append((m.key().decode("utf-8", "replace") if m.key() else "", m.value()))
+            partition, offset, key = m.partition(), m.offset(), m.key()
+            if partition is None or offset is None:  # (only error events lack them)
+                continue
+            positions[partition] = offset + 1
+            out.append((key.decode("utf-8", "replace") if key else "", m.value()))
     except KafkaException as exc:
         raise RegistryError(f"cannot read {topic}: {exc.args[0].str()}") from None
     finally:

@@ -121,9 +121,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         record = view.version(args.id, args.version)
     else:
         view.history(args.id)  # an unknown id names the known ones
-        record = view.active(args.id) or view.candidate(args.id)
-        if record is None:
+        found = view.active(args.id) or view.candidate(args.id)
+        if found is None:
             raise CliError(f"policy {args.id!r} has no active version (see policy history {args.id})")
+        record = found
     if args.json:
         print(record_json(record))
         return EXIT_OK

@@ -103,8 +103,8 @@ class SampleSession(BaseModel):
         """
         sid = session_id or self.session_id
         return [
-            EventBatch(session_id=sid, batch_id=f"{sid}:{i}", seq=i, events=events, policy=self.policy,
-                       metadata={"agent": "sample", "sample": self.name})
+            EventBatch.model_validate({"session_id": sid, "batch_id": f"{sid}:{i}", "seq": i, "events": events,
+                                       "policy": self.policy, "metadata": {"agent": "sample", "sample": self.name}})
             for i, events in enumerate(self.batches)
         ]
 
@@ -249,7 +249,8 @@ async def averify_sample(sample: SampleSession, policy_folder: str | Path | Poli
         state = eng.initial_state()
         outcomes = []
         for i, (events, want) in enumerate(zip(sample.batches, sample.expect, strict=True)):
-            pending = EventBatch(session_id=sample.session_id, batch_id=str(i), events=events).trace()
+            pending = EventBatch.model_validate(
+                {"session_id": sample.session_id, "batch_id": str(i), "events": events}).trace()
             result = await eng.check(state, pending)
             decision: Decision = "deny" if result.matches else "allow"
             messages = [m.message for m in result.matches]

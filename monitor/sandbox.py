@@ -403,7 +403,7 @@ class _Running:
         self.token = _RUNNING.set(self.value)
 
     def __exit__(self, *exc: object) -> None:
-        assert self.token is not None
+        assert self.token is not None  # noqa: S101 - __enter__ set it
         _RUNNING.reset(self.token)
 
 

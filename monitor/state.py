@@ -102,7 +102,7 @@ def verdict_key(session_id: str, batch_id: str) -> str:
 class VerdictRecords(Protocol):
     """Where a store keeps verdict records: the part of a mapping it uses."""
 
-    def get(self, key: str, /) -> Any: ...
+    def get(self, key: str, /) -> bytes | dict[str, Any] | None: ...
 
     def __setitem__(self, key: str, value: Any, /) -> None: ...
 
@@ -154,7 +154,7 @@ class SessionStore:
             # no state yet, or a worker that ran another engine wrote it: start from an empty past
             # but keep counting events so addresses stay right
             return SessionState(engine=engine, length=cur.length if cur else 0)
-        assert session_id is not None or cur.log_end == cur.log_start
+        assert session_id is not None or cur.log_end == cur.log_start  # noqa: S101 - an internal invariant: a kept log is read with its session id
         log = []
         for n in range(cur.log_start, cur.log_end):
             entry = self.table.get(entry_key(policy_id, session_id or "", n))

@@ -117,7 +117,8 @@ def scrape(url: str, token: str | None = None, timeout: float = 5.0) -> Scrape:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     at = time.monotonic()
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
+        # (the operator's --url, made http:// by metrics_url when it names no scheme)
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:  # noqa: S310
             text = r.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as exc:
         hint = " (wrong or missing token: --token, --token-file or $AGENT_MONITOR_METRICS_TOKEN)" \
@@ -140,7 +141,7 @@ def scrape(url: str, token: str | None = None, timeout: float = 5.0) -> Scrape:
 def scrape_all(urls: Sequence[str], token: str | None, timeout: float = 5.0) -> dict[str, Scrape]:
     """Every worker at once: one that does not answer delays the frame by ``timeout`` at most."""
     with ThreadPoolExecutor(max_workers=min(16, len(urls)) or 1) as pool:
-        return dict(zip(urls, pool.map(lambda u: scrape(u, token, timeout), urls)))
+        return dict(zip(urls, pool.map(lambda u: scrape(u, token, timeout), urls), strict=False))
 
 
 # -- what a frame shows -----------------------------------------------------------------------------
@@ -340,8 +341,8 @@ def compute(prev: dict[str, Scrape] | None, cur: dict[str, Scrape], rules: int =
     total.sessions = sum(r.sessions for r in live)
     total.lag_records = sum(r.lag_records for r in live)
     total.lag_seconds = max((r.lag_seconds for r in live), default=0.0)
-    ages = [r.heartbeat_age for r in live if r.heartbeat_age is not None]
-    total.heartbeat_age = max(ages) if ages else None
+    heartbeat_ages = [r.heartbeat_age for r in live if r.heartbeat_age is not None]
+    total.heartbeat_age = max(heartbeat_ages) if heartbeat_ages else None
     if spans:
         for attr in counters:
             setattr(total, attr, sums[attr])

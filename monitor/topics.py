@@ -302,7 +302,7 @@ def create_topics(
         ...
     """
     from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
+    from confluent_kafka.admin import AdminClient, NewTopic
 
     specs = topic_specs(prefix, partitions_override, replication_factor=replication_factor, spec=spec)
     if only is not None:
@@ -356,16 +356,7 @@ def create_topics(
             # return only once clients can see the new topics (workers start right after this)
             _wait_listed(admin, created, timeout)
     if to_increase:
-        futures = admin.create_partitions(
-            [NewPartitions(s.name, s.partitions) for s in to_increase],
-            request_timeout=timeout, operation_timeout=timeout,
-        )
-        for s in to_increase:
-            try:
-                futures[s.name].result(timeout)
-            except KafkaException as exc:
-                raise TopicProvisioningError(f"adding partitions to {s.name} failed: {exc.args[0].str()}") from exc
-            results[s.name] = TopicResult(key=s.key, name=s.name, status="increased", partitions=s.partitions)
+        results.update(_increase_partitions(admin, to_increase, timeout))
     for s in present:
         drift = {k: (configs.get(s.name, {}).get(k), v) for k, v in s.config.items()
                  if configs.get(s.name, {}).get(k) != v}
@@ -376,6 +367,25 @@ def create_topics(
                                           config_drift=drift)
     return [results[s.name] for s in specs]
 
+
+
+def _increase_partitions(admin: Any, specs: list[TopicSpec], timeout: float) -> dict[str, TopicResult]:
+    """Add partitions to existing topics up to their specs' counts (``increase_partitions``)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import NewPartitions
+
+    results: dict[str, TopicResult] = {}
+    futures = admin.create_partitions(
+        [NewPartitions(s.name, s.partitions) for s in specs],
+        request_timeout=timeout, operation_timeout=timeout,
+    )
+    for s in specs:
+        try:
+            futures[s.name].result(timeout)
+        except KafkaException as exc:
+            raise TopicProvisioningError(f"adding partitions to {s.name} failed: {exc.args[0].str()}") from exc
+        results[s.name] = TopicResult(key=s.key, name=s.name, status="increased", partitions=s.partitions)
+    return results
 
 def _partition_problems(specs: list[TopicSpec], existing: Mapping[str, int],
                         increase: bool) -> tuple[list[str], list[TopicSpec]]:
@@ -469,7 +479,7 @@ def generate_schemas() -> dict[str, dict[str, Any]]:
 
     >>> schemas = generate_schemas()
     >>> sorted(schemas)
-    ['Alert', 'DeadLetter', 'EventBatch', 'Verdict']
+    ['Alert', 'DeadLetter', 'EventBatch', 'PolicyRecord', 'ShadowVerdict', 'Verdict']
     >>> schemas["Verdict"]["properties"]["decision"]["enum"]
     ['allow', 'deny']
     """
@@ -497,8 +507,14 @@ def write_schemas(folder: str | os.PathLike[str] | None = None) -> list[Path]:
 
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as d:
-    ...     [p.name for p in write_schemas(d)]
-    ['EventBatch.schema.json', 'Verdict.schema.json', 'Alert.schema.json', 'DeadLetter.schema.json']
+    ...     for p in write_schemas(d):
+    ...         print(p.name)
+    EventBatch.schema.json
+    Verdict.schema.json
+    Alert.schema.json
+    DeadLetter.schema.json
+    PolicyRecord.schema.json
+    ShadowVerdict.schema.json
     """
     target = Path(folder) if folder is not None else DEFAULT_SCHEMA_DIR
     target.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ class MonitorProcessor:
         self.runtime: Runtime | None = None
 
     def attach(self, table: ChangelogTable | None, runtime: Runtime) -> None:
-        assert table is not None, "the monitor keeps session state: the runtime needs a changelog"
+        assert table is not None, "the monitor keeps session state: the runtime needs a changelog"  # noqa: S101 - the message says why
         self.table = table
         self.runtime = runtime
         self.store = SessionStore(table, verdict_memory=self.settings.verdict_memory)
@@ -135,7 +135,7 @@ class MonitorProcessor:
         if self.follower is not None:
             self.apply_updates()  # a batch boundary: every record below is checked by one version
         table, store, core, clock, metrics = self.table, self.store, self.core, self.clock, self.metrics
-        assert table is not None and store is not None
+        assert table is not None and store is not None  # noqa: S101 - attach() ran first
         topic = self.topics.events
         now = time.time()
         for m in records:
@@ -200,7 +200,7 @@ class MonitorProcessor:
                     metrics.policy_failure(kind)
 
     def assigned(self, partitions: list[int]) -> None:
-        assert self.table is not None
+        assert self.table is not None  # noqa: S101 - attach() ran first
         for p in partitions:
             self.clock.load(p, self.table)
 
@@ -213,7 +213,7 @@ class MonitorProcessor:
     def apply_updates(self) -> int:
         """Serve the registry versions the follower handed over since the last call (at a batch
         boundary: between micro-batches, or at a tick); returns how many."""
-        assert self.follower is not None
+        assert self.follower is not None  # noqa: S101 - called only with a follower
         updates = self.follower.updates()
         if not updates:
             return 0
@@ -326,7 +326,7 @@ def run_worker(settings: WorkerSettings) -> None:
                                     if metrics else None)
         policies = PolicySet.empty(settings.default_policy)
         follower.start()  # (the versions it read are served from the first batch: apply_updates)
-    if metrics is not None:
+    if metrics is not None and settings.metrics_port is not None:  # (both or neither)
         from monitor.metrics import serve_metrics
 
         for p in policies.all():

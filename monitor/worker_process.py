@@ -90,7 +90,7 @@ class WorkerProcess:
             if len(lines) >= count:
                 self.ready_line = lines[count - 1]
                 return
-            assert self.proc is not None, "start() the worker first"
+            assert self.proc is not None, "start() the worker first"  # noqa: S101 - the message says why
             if self.proc.poll() is not None:
                 raise WorkerNotReady(f"the worker exited with code {self.proc.returncode} before it was ready; "
                                      f"its log ends with:\n{self.log_tail()}")

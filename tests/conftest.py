@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+# (pyproject.toml's pythonpath puts tests/ and the root on sys.path: the helpers beside this file
+# and deploy.local import from every folder)
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(1, str(ROOT))  # deploy.local: the local images and the compose plan
 CONTAINERS = ROOT / "tests" / "containers"
 
 os.environ.setdefault("LOCAL_POLICY", "1")

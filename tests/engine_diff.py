@@ -108,7 +108,7 @@ def differences(policy: LoadedPolicy, engine: IncrementalEngine, trace: list[dic
     rules = rules_of(policy)
     exact = {i for i, r in enumerate(rules) if not calls_function(r)}
     problems = []
-    for n, (a, b) in enumerate(zip(ref, inc)):
+    for n, (a, b) in enumerate(zip(ref, inc, strict=False)):
         if isinstance(a, str) or isinstance(b, str):
             if isinstance(a, str) != isinstance(b, str):
                 problems.append(f"batch {n} (bounds {bounds}): reference {a if isinstance(a, str) else 'ok'}"

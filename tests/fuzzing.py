@@ -6,7 +6,7 @@ wrong one field at a time, garbage, and the attacks of issue 11 (fan-out, huge i
 ids, control and bidi characters, deep nesting, floats that grow when re-encoded, arguments that
 are JSON text or not). :func:`fuzz` runs them through :class:`monitor.core.BatchEvaluator` on a
 changelog table guarded as the worker guards it, and counts what happened; every output record
-is checked against its topic's limit on the way. ``make test`` runs 10,000 (tests/test_fuzz.py),
+is checked against its topic's limit on the way. ``make test`` runs 10,000 (tests/worker/test_fuzz.py),
 ``make fuzz`` 100,000 (bench/fuzz.py).
 """
 

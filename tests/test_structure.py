@@ -96,6 +96,52 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycles(graph) == [["a", "b", "c", "a"]]
 
 
+# the Kafka-free core (README: core.py) and what it is built from
+CORE = ["monitor.models", "monitor.core", "monitor.state", "monitor.limits", "monitor.policy",
+        "monitor.sandbox", "monitor.engine"]
+# the Kafka runtime, the SDK and the front ends around it
+AROUND = {"monitor.runtime", "monitor.changelog", "monitor.worker", "monitor.worker_process",
+          "monitor.client", "monitor.topics", "monitor.broker", "monitor.metrics", "monitor.cli",
+          "monitor.api", "monitor.replay", "monitor.demo"}
+OUTSIDE = {"confluent_kafka", "fastapi", "uvicorn", "prometheus_client", "rich"}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def external_imports(f: Path) -> set[str]:
+    """The top-level names of what a module imports from outside the package."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(f.read_text(), str(f))):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_the_core_imports_neither_kafka_nor_what_runs_around_it() -> None:
+    graph, files = import_graph(), module_files()
+    core = [m for m in files if any(m == c or m.startswith(c + ".") for c in CORE)]
+    assert "monitor.engine.incremental" in core
+    for name in core:
+        below = reachable(graph, name) | {name}
+        assert sorted(m for m in below if m in AROUND or m.rpartition(".")[0] in AROUND) == [], name
+        assert sorted(set().union(*(external_imports(files[m]) for m in below)) & OUTSIDE) == [], name
+
+
+def test_the_import_direction_check_sees_a_path_through_others() -> None:
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set()}, "a") == {"b", "c"}
+
+
 def test_every_exception_of_the_package_derives_from_monitor_error() -> None:
     found = {
         f"{module.__name__}.{name}": cls

@@ -1,18 +1,20 @@
-"""Test helpers: worker subprocesses and plain Kafka producing/consuming for assertions."""
+"""Test helpers: worker subprocesses, a fake responder in a worker's place, and plain Kafka producing/consuming
+for assertions."""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from monitor.config import TopicNames, WorkerSettings
-from monitor.models import EventBatch
+from monitor.models import EventBatch, SourceRef, Verdict, Violation
 from monitor.worker_process import WorkerProcess
 
 
@@ -190,3 +192,45 @@ def read_messages(bootstrap: str, topic: str, expected: int, timeout: float = 30
     finally:
         c.close()
     return out
+
+
+class FakeResponder:
+    """Answers every batch on the events topic with a verdict: deny when an event says "deny"."""
+
+    def __init__(self, bootstrap: str, topics: TopicNames, delay: float = 0.0) -> None:
+        self.topics = topics
+        self.delay = delay
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"fake-{uuid.uuid4().hex}",
+                                  "enable.auto.commit": False})
+        parts = self.consumer.list_topics(topics.events, timeout=10).topics[topics.events].partitions
+        self.consumer.assign([TopicPartition(topics.events, p, OFFSET_BEGINNING) for p in parts])
+        self.producer = Producer({"bootstrap.servers": bootstrap, "partitioner": "murmur2_random"})
+        self.stop = threading.Event()
+        self.answered = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            m = self.consumer.poll(0.1)
+            if m is None or m.error():
+                continue
+            batch = EventBatch.model_validate_json(m.value())
+            deny = any("deny" in json.dumps(e) for e in batch.trace())
+            violations = [Violation(alert_id="a" * 32, rule_index=0, message="said deny", key="(0, (0,))")] \
+                if deny else []
+            verdict = Verdict(session_id=batch.session_id, batch_id=batch.batch_id, seq=batch.seq,
+                              decision="deny" if deny else "allow", violations=violations, engine="fake",
+                              source=SourceRef(topic=m.topic(), partition=m.partition(), offset=m.offset()))
+            time.sleep(self.delay)
+            self.producer.produce(self.topics.verdicts, key=m.key(), value=verdict.model_dump_json().encode())
+            self.producer.flush(10)
+            self.answered += 1
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.consumer.close()

@@ -4,7 +4,7 @@
 the images ``make images`` builds), and turns every service into what to run: image, command,
 environment, ports, volumes, secrets, healthcheck, replicas, hardening, start order. Nothing about
 a service is written down twice: the container tests start exactly this plan, and
-``tests/test_local_stack.py`` (no Docker needed) checks the plan against the compose file, so the
+``tests/deploy/test_local_stack.py`` (no Docker needed) checks the plan against the compose file, so the
 two cannot drift. A key of a service that this module does not know fails the plan: a new compose
 setting needs a decision here (apply it, or say why not).
 
@@ -185,7 +185,7 @@ def parse_port(spec: str | int) -> Port:
     if len(parts) == 3:
         ip, host, container = parts
     elif len(parts) == 2:
-        ip, (host, container) = "0.0.0.0", parts
+        ip, (host, container) = "0.0.0.0", parts  # noqa: S104 - compose's default for a published port
     else:
         raise PlanError(f"port {spec!r} names no host port")
     return Port(ip, int(host), int(container), proto or "tcp")
@@ -399,7 +399,7 @@ class Stack:
         from docker.types import Mount as DockerMount
         from testcontainers.core.container import DockerContainer
 
-        assert self._secrets_dir is not None
+        assert self._secrets_dir is not None  # noqa: S101 - the stack was entered (its secrets written)
         mounts = []
         for m in service.mounts:
             if m.kind == "bind":

@@ -40,16 +40,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monitor import sandbox
-from monitor.errors import MonitorError
+from monitor.api.models import ErrorCode
 from monitor.config import WorkerSettings
 from monitor.engine import BudgetExceeded, EngineError
 from monitor.engine.incremental import IncrementalEngine
 from monitor.engine.support import LoopPool, error_to_match, within
+from monitor.errors import MonitorError
 from monitor.models import Match
 from monitor.policy import LoadedPolicy, PolicyLoadError, load_policy_text, sha256_text
 
 # invariant-ai's runtime error kinds, by the catchphrase its RemotePolicy client recognises
-CATCHPHRASES = {
+CATCHPHRASES: dict[ErrorCode, str] = {
     "missing_parameter": "Missing Policy Parameter: ",
     "excessive_policy": "Excessive Policy: ",
     "attribute_error": "Invariant Attribute Error: ",
@@ -64,7 +65,7 @@ class CheckFailed(MonitorError):
     ``code`` is the API error code; ``detail`` keeps invariant's catchphrase where it has one.
     """
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: ErrorCode, detail: str) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail

@@ -28,7 +28,8 @@ import logging
 import os
 import time
 import uuid
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query, Request
@@ -38,7 +39,6 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from monitor import __version__, sandbox
-from monitor.errors import MonitorError
 from monitor.api.analysis import Analyzer, CheckFailed, CompiledPolicy, PolicyCache
 from monitor.api.models import (
     MAX_ID_CHARS,
@@ -48,6 +48,7 @@ from monitor.api.models import (
     BatchRequest,
     BatchResult,
     ErrorBody,
+    ErrorCode,
     Health,
     MonitorCheckRequest,
     PolicyCheckRequest,
@@ -59,7 +60,8 @@ from monitor.api.models import (
 )
 from monitor.api.security import ApiKeys, Guard, RateLimiter
 from monitor.config import DEFAULT_PREFIX, WorkerSettings, env_bootstrap
-from monitor.models import EventBatch, Match
+from monitor.errors import MonitorError
+from monitor.models import EventBatch, Match, plain_events
 from monitor.policy import PolicyLoadError, load_policy_set
 
 log = logging.getLogger("agent_monitor.api")
@@ -67,7 +69,7 @@ log = logging.getLogger("agent_monitor.api")
 SETTINGS_ENV = "AGENT_MONITOR_SERVE_SETTINGS"  # JSON ServeSettings for `serve --workers N`
 INPUT_PHRASE = "Input Validation Error: "  # RemotePolicy raises InvariantInputValidationError on it
 
-STATUS_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+STATUS_CODES: dict[int, ErrorCode] = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                 413: "too_large", 422: "policy_error", 429: "rate_limited", 500: "internal",
                 503: "unavailable", 504: "verdict_timeout"}
 
@@ -115,13 +117,13 @@ class ServeSettings(BaseModel):
 class ApiError(MonitorError):
     """An answer in the :class:`ErrorBody` shape."""
 
-    def __init__(self, status: int, code: str, detail: str, where: str | None = None,
+    def __init__(self, status: int, code: ErrorCode, detail: str, where: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail, self.where, self.headers = status, code, detail, where, headers
 
 
-def _error(status: int, code: str, detail: str, where: str | None = None,
+def _error(status: int, code: ErrorCode, detail: str, where: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorBody(error=code, detail=detail, where=where).model_dump(), status, headers)
 
@@ -130,7 +132,7 @@ def _where(loc: tuple | list) -> str:
     return ".".join(str(p) for p in loc) or "body"
 
 
-def _validation_detail(errors: list[dict[str, Any]], limit: int = 5) -> str:
+def _validation_detail(errors: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
     parts = [f"{_where(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:limit]]
     more = len(errors) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
@@ -138,7 +140,7 @@ def _validation_detail(errors: list[dict[str, Any]], limit: int = 5) -> str:
 
 SessionId = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="the session's id")]
 
-ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 413, 422, 429)}
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for status in (400, 401, 413, 422, 429)}
 SESSION_ERRORS = {**ERRORS, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}}
 
 
@@ -170,27 +172,6 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
             cache.pin(compiled)
     state: dict[str, Any] = {"gateway": None}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if settings.sessions:
-            from monitor.api.sessions import SessionGateway
-
-            gateway = SessionGateway(settings.bootstrap_servers, settings.topic_prefix,
-                                     verdict_memory=settings.verdict_memory,
-                                     backfill=settings.verdict_backfill,
-                                     connect_timeout=settings.connect_timeout)
-            state["gateway"] = gateway
-            try:  # now if Kafka answers; otherwise on the first session request
-                await gateway.start()
-            except Exception as exc:  # noqa: BLE001 - the stateless endpoints work without Kafka
-                log.warning("session endpoints unavailable until Kafka answers: %s", exc)
-        try:
-            yield
-        finally:
-            if state["gateway"] is not None:
-                state["gateway"].close()
-            analyzer.close()
-
     app = FastAPI(
         title="agent-monitor",
         version=__version__,
@@ -201,44 +182,13 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
             "`ErrorBody` `{error, detail, where}`: 400 invalid request or policy, 401 no or a bad "
             "key, 413 body too large, 422 the policy failed or ran out of time (fail closed), "
             "429 rate limited (Retry-After), 503 Kafka unavailable, 504 no verdict in time."),
-        lifespan=lifespan,
+        lifespan=_lifespan(settings, state, analyzer),
     )
     app.state.settings = settings
     app.state.analyzer = analyzer
     app.state.served = served
 
-    # -- errors: one shape ------------------------------------------------------------------
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.detail, exc.where, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = list(exc.errors())
-        first = errors[0].get("loc", ("body",)) if errors else ("body",)
-        detail = _validation_detail(errors)
-        if request.url.path == "/api/v1/policy/check" and tuple(first[:2]) == ("body", "messages"):
-            # invariant-ai's RemotePolicy raises InvariantInputValidationError on this phrase
-            return _error(400, "input_invalid", INPUT_PHRASE + detail, _where(first))
-        return _error(400, "bad_request", detail, _where(first))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = STATUS_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
-        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        if exc.status_code == 404:
-            detail = f"no endpoint {request.method} {request.url.path} (see /docs)"
-        return _error(exc.status_code, code, detail, "body" if exc.status_code in (400, 413) else None,
-                      getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("%s %s failed", request.method, request.url.path)
-        return _error(500, "internal", f"the server failed on this request ({type(exc).__name__}); "
-                                       "the log has the details")
-
-    # -- helpers ----------------------------------------------------------------------------
+    _install_error_handlers(app)
 
     async def resolve(text: str | None, policy_id: str | None) -> CompiledPolicy:
         if policy_id is not None:
@@ -269,6 +219,67 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
             raise ApiError(400, "policy_invalid", str(exc),
                            f"policy:{exc.line}" if exc.line else "body.policy") from None
 
+    _install_policy_routes(app, settings, analyzer, resolve)
+    _install_session_routes(app, settings, state)
+
+    @app.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness (no key needed)")
+    async def healthz() -> Health:
+        gw = state["gateway"]
+        return Health(version=__version__, policies=sorted(served),
+                      sessions="off" if not settings.sessions else (gw.state if gw else "starting"))
+
+    _install_middleware(app, settings, keys)
+    return app
+
+
+def _lifespan(settings: ServeSettings, state: dict[str, Any],
+              analyzer: Analyzer) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """What runs around serving: the session gateway started (when Kafka answers), then closed
+    with the analyzer."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.sessions:
+            from monitor.api.sessions import SessionGateway
+
+            gateway = SessionGateway(settings.bootstrap_servers, settings.topic_prefix,
+                                     verdict_memory=settings.verdict_memory,
+                                     backfill=settings.verdict_backfill,
+                                     connect_timeout=settings.connect_timeout)
+            state["gateway"] = gateway
+            try:  # now if Kafka answers; otherwise on the first session request
+                await gateway.start()
+            except Exception as exc:  # noqa: BLE001 - the stateless endpoints work without Kafka
+                log.warning("session endpoints unavailable until Kafka answers: %s", exc)
+        try:
+            yield
+        finally:
+            if state["gateway"] is not None:
+                state["gateway"].close()
+            analyzer.close()
+
+    return lifespan
+
+def _headers(compiled: CompiledPolicy, started: float, omitted: int) -> dict[str, str]:
+    return {"X-Policy-Sha256": compiled.policy.sha256,
+            "X-Eval-Ms": f"{(time.perf_counter() - started) * 1000:.3f}",
+            "X-Errors-Omitted": str(omitted)}
+
+
+def _failed(exc: CheckFailed) -> ApiError:
+    status = 400 if exc.code in ("missing_parameter", "excessive_policy", "attribute_error",
+                                 "input_invalid") else 422
+    return ApiError(status, exc.code, exc.detail, "body.policy")
+
+
+def _analysis_errors(matches: list[Match]) -> list[AnalysisError]:
+    return [AnalysisError.of(m.rule_index, m.message, m.key, m.addresses, m.kwargs) for m in matches]
+
+
+def _install_policy_routes(app: FastAPI, settings: ServeSettings, analyzer: Analyzer,
+                           resolve: Callable[[str | None, str | None], Awaitable[CompiledPolicy]]) -> None:
+    """The stateless checks: invariant-server's endpoints and invariant-ai's ``RemotePolicy``'s."""
+
     def bound_events(*groups: tuple[str, list]) -> None:
         total = sum(len(events) for _, events in groups)
         if total > settings.max_events:
@@ -278,19 +289,6 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
     def capped(matches: list[Match]) -> tuple[list[Match], int]:
         cap = settings.max_verdict_violations
         return matches[:cap], max(0, len(matches) - cap)
-
-    def headers(compiled: CompiledPolicy, started: float, omitted: int) -> dict[str, str]:
-        return {"X-Policy-Sha256": compiled.policy.sha256,
-                "X-Eval-Ms": f"{(time.perf_counter() - started) * 1000:.3f}",
-                "X-Errors-Omitted": str(omitted)}
-
-    def failed(exc: CheckFailed) -> ApiError:
-        status = 400 if exc.code in ("missing_parameter", "excessive_policy", "attribute_error",
-                                     "input_invalid") else 422
-        return ApiError(status, exc.code, exc.detail, "body.policy")
-
-    def analysis_errors(matches: list[Match]) -> list[AnalysisError]:
-        return [AnalysisError.of(m.rule_index, m.message, m.key, m.addresses, m.kwargs) for m in matches]
 
     # -- invariant-server -------------------------------------------------------------------
 
@@ -303,12 +301,12 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
         bound_events(("trace", body.trace))
         compiled = await resolve(body.policy, body.policy_id)
         try:
-            matches = await analyzer.analyze(compiled, list(body.trace))
+            matches = await analyzer.analyze(compiled, plain_events(body.trace))
         except CheckFailed as exc:
-            raise failed(exc) from None
+            raise _failed(exc) from None
         shown, omitted = capped(matches)
-        out = AnalyzeResponse(errors=analysis_errors(shown), errors_omitted=omitted)
-        return JSONResponse(out.model_dump(mode="json"), headers=headers(compiled, started, omitted))
+        out = AnalyzeResponse(errors=_analysis_errors(shown), errors_omitted=omitted)
+        return JSONResponse(out.model_dump(mode="json"), headers=_headers(compiled, started, omitted))
 
     @app.post("/api/monitor/check", response_model=list[AnalysisError], responses=ERRORS,
               tags=["invariant-server"], summary="Check pending events given the past")
@@ -323,12 +321,12 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
                            "body.pending_events")
         compiled = await resolve(body.policy, body.policy_id)
         try:
-            matches = await analyzer.check(compiled, list(body.past_events), list(body.pending_events))
+            matches = await analyzer.check(compiled, plain_events(body.past_events), plain_events(body.pending_events))
         except CheckFailed as exc:
-            raise failed(exc) from None
+            raise _failed(exc) from None
         shown, omitted = capped(matches)
-        return JSONResponse([e.model_dump(mode="json") for e in analysis_errors(shown)],
-                            headers=headers(compiled, started, omitted))
+        return JSONResponse([e.model_dump(mode="json") for e in _analysis_errors(shown)],
+                            headers=_headers(compiled, started, omitted))
 
     # -- invariant-ai RemotePolicy ----------------------------------------------------------
 
@@ -343,14 +341,14 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
         bound_events(("messages", body.messages))
         compiled = await resolve(body.policy, None)
         try:
-            matches = await analyzer.analyze(compiled, list(body.messages), body.parameters)
+            matches = await analyzer.analyze(compiled, plain_events(body.messages), body.parameters)
         except CheckFailed as exc:
-            raise failed(exc) from None
+            raise _failed(exc) from None
         shown, omitted = capped(matches)
         out = PolicyCheckResponse(errors=[RemoteError(key=m.key, args=[m.message], kwargs=m.kwargs,
                                                       ranges=m.addresses) for m in shown],
                                   errors_omitted=omitted)
-        return JSONResponse(out.model_dump(mode="json"), headers=headers(compiled, started, omitted))
+        return JSONResponse(out.model_dump(mode="json"), headers=_headers(compiled, started, omitted))
 
     @app.post("/api/v1/policy/load", response_model=PolicyLoadResponse, responses=ERRORS,
               tags=["invariant-ai"], summary="invariant-ai RemotePolicy.preload")
@@ -360,7 +358,42 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
         return PolicyLoadResponse(policy_sha256=compiled.policy.sha256, rules=compiled.rules,
                                   incremental_rules=compiled.incremental_rules)
 
-    # -- sessions through Kafka -------------------------------------------------------------
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error in one shape, :class:`ErrorBody`."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail, exc.where, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        first = errors[0].get("loc", ("body",)) if errors else ("body",)
+        detail = _validation_detail(errors)
+        if request.url.path == "/api/v1/policy/check" and tuple(first[:2]) == ("body", "messages"):
+            # invariant-ai's RemotePolicy raises InvariantInputValidationError on this phrase
+            return _error(400, "input_invalid", INPUT_PHRASE + detail, _where(first))
+        return _error(400, "bad_request", detail, _where(first))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = STATUS_CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            detail = f"no endpoint {request.method} {request.url.path} (see /docs)"
+        return _error(exc.status_code, code, detail, "body" if exc.status_code in (400, 413) else None,
+                      getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, "internal", f"the server failed on this request ({type(exc).__name__}); "
+                                       "the log has the details")
+
+
+def _install_session_routes(app: FastAPI, settings: ServeSettings, state: dict[str, Any]) -> None:
+    """The session endpoints, through Kafka (``state["gateway"]``: the lifespan starts it)."""
 
     async def gateway():
         gw = state["gateway"]
@@ -431,12 +464,9 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
                                      f"started, and up to {settings.verdict_backfill} records per "
                                      f"partition before; at most {settings.verdict_memory} per session"))
 
-    @app.get("/healthz", response_model=Health, tags=["ops"], summary="Liveness (no key needed)")
-    async def healthz() -> Health:
-        gw = state["gateway"]
-        return Health(version=__version__, policies=sorted(served),
-                      sessions="off" if not settings.sessions else (gw.state if gw else "starting"))
 
+def _install_middleware(app: FastAPI, settings: ServeSettings, keys: ApiKeys | None) -> None:
+    """The guard (API keys, body limit, rate limit) and, when configured, CORS."""
     # outermost last: CORS answers preflights before the guard asks for a key
     app.add_middleware(Guard, keys=keys,
                        limiter=RateLimiter(settings.rate_limit, settings.rate_burst),
@@ -448,7 +478,6 @@ def create_app(settings: ServeSettings | None = None, keys: ApiKeys | None = Non
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["X-Policy-Sha256", "X-Eval-Ms", "X-Errors-Omitted",
                                            "X-Batch-Id", "Retry-After"])
-    return app
 
 
 def app_from_env() -> FastAPI:

@@ -19,8 +19,6 @@ Example::
 
 from __future__ import annotations
 
-from monitor.errors import MonitorError
-
 import hashlib
 import json
 import math
@@ -34,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from starlette.exceptions import HTTPException
+
+from monitor.errors import MonitorError
 
 KEYS_ENV = "AGENT_MONITOR_API_KEYS"
 KEY_PREFIX = "amk_"

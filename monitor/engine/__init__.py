@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from monitor.engine.base import (
     BudgetExceeded,
     CheckResult,
@@ -17,7 +19,7 @@ from monitor.policy import LoadedPolicy
 ENGINES = ("incremental", "reference")
 
 
-def make_engine(policy: LoadedPolicy, kind: str = "incremental", **options) -> Engine:
+def make_engine(policy: LoadedPolicy, kind: str = "incremental", **options: Any) -> Engine:
     """The engine for ``policy``: ``incremental`` (default; falls back per rule) or ``reference``.
 
     ``options``: ``max_history``, ``caps`` (:class:`MatchCaps`), ``pool`` (an

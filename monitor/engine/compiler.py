@@ -97,7 +97,7 @@ class CompiledRule:
             return (f"compiled: variables ({names}), but invariant's first pass already decides "
                     "the body without binding them, so no pending batch is ever reported")
         kept = []
-        for v, k in zip(self.vars, self.keep):
+        for v, k in zip(self.vars, self.keep, strict=False):
             kept.append(f"{v.name}: " + ("none" if k == 0 else "all candidates" if k is None
                                           else f"last {k} position(s)"))
         joins = sum(1 for c in self.conds if c.kind == JOIN)
@@ -228,13 +228,13 @@ def _scan_const(decl: Any, globals_: Any) -> None:
         _scan(expr, {}, globals_, set())
 
 
-def _first_pass(rule: Any, globals_: Any, symbol_table: Any) -> tuple[bool, list]:
+def _first_pass(rule: Any, globals_: Any, symbol_table: Any) -> tuple[bool, list[Any]]:
     """invariant's first pass over a body with no variable bound: whether it goes on to bind the
     variables (only when the body is still unknown, or true while the raise needs a variable;
     otherwise the reference yields at most a model without events, never reported for a
     pending batch) and the domains it found."""
 
-    async def run():
+    async def run() -> tuple[bool, list[Any]]:
         ctx = DirectContext(symbol_table)
         result, domains = await Interpreter.eval(rule.body, {}, globals_, evaluation_context=ctx,
                                                  return_variable_domains=True, assume_bool=True)
@@ -247,7 +247,7 @@ def _first_pass(rule: Any, globals_: Any, symbol_table: Any) -> tuple[bool, list
 
     box: dict[str, Any] = {}
 
-    def target():
+    def target() -> None:
         try:
             with sandbox.guarded():  # the first pass runs the policy's code: in the sandbox
                 box["value"] = asyncio.run(run())
@@ -259,7 +259,8 @@ def _first_pass(rule: Any, globals_: Any, symbol_table: Any) -> tuple[bool, list
     t.join()
     if "error" in box:
         raise Unsupported(f"the body raises before any variable is bound: {box['error']!r}")
-    return box["value"]
+    value: tuple[bool, list[Any]] = box["value"]
+    return value
 
 
 def _keep(n: int, arrows: list[tuple[int, int, bool]]) -> list[int | None]:
@@ -280,9 +281,10 @@ def _keep(n: int, arrows: list[tuple[int, int, bool]]) -> list[int | None]:
     while changed:
         changed = False
         for a, b, direct in arrows:
-            if direct and keep[b] is not None and keep[a] != 0:
-                k = keep[b] + 1
-                if keep[a] is None or k < keep[a]:
+            keep_a, keep_b = keep[a], keep[b]
+            if direct and keep_b is not None and keep_a != 0:
+                k = keep_b + 1
+                if keep_a is None or k < keep_a:
                     keep[a] = k
                     changed = True
     return keep
@@ -351,14 +353,14 @@ def compile_rule(index: int, rule: Any, globals_: Any, symbol_table: Any) -> Com
                 raise Unsupported(f"an assignment to something other than a new name{_line(expr)}")
             if comp_pos and pos >= comp_pos[0]:
                 raise Unsupported(f"an assignment ':=' after a list comprehension{_line(expr)}")
-            used = set()
+            used: set[int] = set()
             _scan(expr.right, varmap, globals_, used, assigned=assigned, links=links)
             if len(used) != 1:
                 raise Unsupported(f"an assignment ':=' not from exactly one variable{_line(expr)}")
             assigned[id(expr.left.id)] = set(used)
             conds.append(Cond(OWN, pos, expr, tuple(sorted(used))))
         else:
-            used: set[int] = set()
+            used = set()
             via: set[int] = set()
             linked: set[int] = set()
             _scan(expr, varmap, globals_, used, assigned=assigned, via=via, links=linked)

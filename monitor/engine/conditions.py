@@ -25,13 +25,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
-
 from invariant.analyzer.runtime.evaluation import INTERPRETER_STACK, NOP, Interpreter
 from invariant.analyzer.runtime.evaluation_context import EvaluationContext
 from invariant.analyzer.runtime.function_cache import call_either_way
 from invariant.analyzer.runtime.input import Input
 from invariant.analyzer.runtime.nodes import Contents, Event, Message, ToolCall, ToolOutput
+from pydantic import BaseModel
 
 from monitor.errors import MonitorError
 from monitor.limits import MAX_ADDRESSES
@@ -74,7 +73,7 @@ def parse_flat(prepared: list[Any], first_idx: int, flat_start: int,
     """
     parsed = _parse_plain(prepared, skip_outputs)
     if parsed is None:
-        parsed = Input.parse_input(None, prepared)  # type: ignore[arg-type] - uses no instance state
+        parsed = Input.parse_input(None, prepared)  # (uses no instance state)
     out: list[Element] = []
     flat = flat_start
     for pos, event in enumerate(parsed):
@@ -244,13 +243,13 @@ class Occurrences:
     the visited-set check), so an object may have several (sequence number, path) places.
     """
 
-    def __init__(self, event: Any, trace_idx: int, path: list | None = None,
+    def __init__(self, event: Any, trace_idx: int, path: list[Any] | None = None,
                  order: list[int] | None = None) -> None:
         self.places: dict[int, list[tuple[list[int], str]]] = {}
         self._visited: set[int] = set()
         self._visit(event, [trace_idx] + (path or []), order or [])
 
-    def _visit(self, obj: Any, path: list, order: list[int]) -> None:
+    def _visit(self, obj: Any, path: list[Any], order: list[int]) -> None:
         # ``order`` (sibling numbers along the path) sorts places in the locator's visiting order
         # one id() per node: with an audit hook installed (the policy sandbox's) each call costs one
         key = id(obj)
@@ -309,7 +308,7 @@ class EventIndex:
         return self._places.get(obj_id, [])
 
 
-class DirectContext(EvaluationContext):
+class DirectContext(EvaluationContext):  # type: ignore[misc]  # invariant-ai is untyped
     """An evaluation context that calls functions directly.
 
     invariant's function cache keys objects by ``id()``, which is wrong once events are rebuilt
@@ -321,7 +320,7 @@ class DirectContext(EvaluationContext):
     def __init__(self, symbol_table: Any) -> None:
         super().__init__(symbol_table=symbol_table)
 
-    async def acall_function(self, function, *args, **kwargs):  # type: ignore[override]
+    async def acall_function(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         return await call_either_way(function, *args, **kwargs)
 
     def increment_evaluation_counter(self) -> None:
@@ -363,7 +362,7 @@ def rebuild_call(rec: dict[str, Any]) -> Any:
 
 
 def link_outputs(parsed: list[Any], prepared: list[dict[str, Any]],
-                 past_calls: dict[str, dict[str, Any]], index: "EventIndex") -> dict[int, dict]:
+                 past_calls: dict[str, dict[str, Any]], index: "EventIndex") -> dict[int, dict[str, Any]]:
     """Give pending tool outputs the past call invariant links them to (``_tool_call``).
 
     ``Input.parse_input`` links an output to the latest call with its id parsed before it; the
@@ -371,7 +370,7 @@ def link_outputs(parsed: list[Any], prepared: list[dict[str, Any]],
     Returns, by ``id()`` of each linked output, the record of its call (kept with candidates).
     """
     latest: dict[Any, dict[str, Any]] = {}
-    links: dict[int, dict] = {}
+    links: dict[int, dict[str, Any]] = {}
     for pos, event in enumerate(parsed):
         idx = event.metadata["trace_idx"]
         if type(event) is Message:
@@ -389,7 +388,7 @@ def link_outputs(parsed: list[Any], prepared: list[dict[str, Any]],
             elif event.tool_call_id in past_calls:
                 rec = past_calls[event.tool_call_id]
                 obj = rebuild_call(rec)
-                event._tool_call = obj
+                event._tool_call = obj  # noqa: SLF001 - invariant-ai's link from an output to its call
                 index.add(obj, rec["i"], rec["j"])
                 links[id(event)] = rec
     return links
@@ -404,7 +403,7 @@ class ConditionOutcome:
     error: str = ""
     # variables the expression left in the store (``:=``, and list comprehensions, whose loop
     # variable invariant leaks into the assignment): (name, key part, places of the value)
-    leaks: list[tuple[str, Any, list]] = field(default_factory=list)
+    leaks: list[tuple[str, Any, list[Any]]] = field(default_factory=list)
 
 
 def key_part(value: Any) -> Any:
@@ -416,7 +415,7 @@ def key_part(value: Any) -> Any:
     return -1
 
 
-async def evaluate(expr: Any, store: dict, globals_: Any, ctx: DirectContext,
+async def evaluate(expr: Any, store: dict[Any, Any], globals_: Any, ctx: DirectContext,
                    index: EventIndex, fast: Any = None) -> ConditionOutcome:
     """Evaluate one rule-body expression under ``store`` (VariableDeclaration -> object).
 
@@ -452,7 +451,7 @@ async def evaluate(expr: Any, store: dict, globals_: Any, ctx: DirectContext,
         return ConditionOutcome(FALSE)
     status = TRUE if (value is True or value is NOP) else OTHER
     marks: list[tuple[int, list[int], str]] = []
-    places: dict[int, list] = {}
+    places: dict[int, list[Any]] = {}
     for obj_id, start, end in ranges:
         if len(marks) >= MAX_ADDRESSES:  # what a violation lists (a 1 MB text may hold 250,000)
             break
@@ -476,7 +475,7 @@ _FALSE_OUTCOME, _TRUE_OUTCOME, _OTHER_OUTCOME = (ConditionOutcome(FALSE), Condit
                                                  ConditionOutcome(OTHER))
 
 
-def evaluate_fast(fast: Any, store: dict, index: EventIndex) -> ConditionOutcome | None:
+def evaluate_fast(fast: Any, store: dict[Any, Any], index: EventIndex) -> ConditionOutcome | None:
     """:func:`evaluate` of a condition with a plain-Python evaluator (see :func:`compile_fast`),
     without a coroutine; None when the interpreter must decide. Fast conditions assign nothing,
     so nothing leaks into the store."""
@@ -491,7 +490,7 @@ def evaluate_fast(fast: Any, store: dict, index: EventIndex) -> ConditionOutcome
     if not spans:
         return _TRUE_OUTCOME if status == TRUE else _OTHER_OUTCOME
     marks: list[tuple[int, list[int], str]] = []
-    places: dict[int, list] = {}
+    places: dict[int, list[Any]] = {}
     for obj, start, end in spans:
         if len(marks) >= MAX_ADDRESSES:
             break
@@ -504,7 +503,7 @@ def evaluate_fast(fast: Any, store: dict, index: EventIndex) -> ConditionOutcome
     return ConditionOutcome(status, marks)
 
 
-async def evaluate_value(expr: Any, store: dict, globals_: Any, ctx: DirectContext) -> Any:
+async def evaluate_value(expr: Any, store: dict[Any, Any], globals_: Any, ctx: DirectContext) -> Any:
     """Evaluate an expression to its value (e.g. a raise's ``PolicyViolation(...)``)."""
     token = INTERPRETER_STACK.set([])
     try:
@@ -563,7 +562,7 @@ def _access(node: Any, var_decls: set[int]) -> Any:
         m = members[0]
         direct_types = tuple(t for t in models if m in direct[t])
 
-        def get_one(store):
+        def get_one(store: dict[Any, Any]) -> Any:
             obj = store[decl]
             t = type(obj)
             if t in direct_types:
@@ -578,7 +577,7 @@ def _access(node: Any, var_decls: set[int]) -> Any:
             raise _Slow()
         return get_one
 
-    def get(store):
+    def get(store: dict[Any, Any]) -> Any:
         obj = store[decl]
         for m in members:
             t = type(obj)
@@ -643,14 +642,14 @@ def _fast(node: Any, var_decls: set[int]) -> Any:
         if left is None or right is None:
             return None
         if op == "and":
-            def both(store, spans):
+            def both(store: dict[Any, Any], spans: list[tuple[Any, int, int]]) -> Any:
                 lv, rv = left(store, spans), right(store, spans)  # no short circuit, as invariant
                 if lv is False or rv is False:
                     return False
                 return lv and rv
             return both
 
-        def either(store, spans):
+        def either(store: dict[Any, Any], spans: list[tuple[Any, int, int]]) -> Any:
             lv, rv = left(store, spans), right(store, spans)
             if lv is True or rv is True:
                 return True
@@ -662,7 +661,7 @@ def _fast(node: Any, var_decls: set[int]) -> Any:
             return None
         pattern = _regex(node.right.name + "$")
 
-        def is_tool(store, spans):
+        def is_tool(store: dict[Any, Any], spans: list[tuple[Any, int, int]]) -> Any:
             value = get(store)
             if type(value) is ToolOutput:
                 raise _Slow()  # invariant follows the output to its call
@@ -690,7 +689,7 @@ def _fast(node: Any, var_decls: set[int]) -> Any:
             if get is None or isinstance(node.left, ast.BinaryExpr):
                 return None
 
-            def in_list(store, spans):
+            def in_list(store: dict[Any, Any], spans: list[tuple[Any, int, int]]) -> Any:
                 value = get(store)
                 if isinstance(value, list):
                     raise _Slow()
@@ -712,7 +711,7 @@ def _fast(node: Any, var_decls: set[int]) -> Any:
         if op == "in" and lit_l and type(lval) is str:
             regex = _regex(lval)
 
-            def contains(store, spans):
+            def contains(store: dict[Any, Any], spans: list[tuple[Any, int, int]]) -> Any:
                 value = get(store)
                 if value is None:
                     return False  # '<value> in None' is False in invariant

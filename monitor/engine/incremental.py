@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import ast as pyast
 import copy
-from typing import Any
+from typing import Any, cast
 
 from invariant.analyzer.runtime.evaluation import NOP
 
@@ -68,7 +68,7 @@ from monitor.engine.base import (
     RuleInfo,
     SessionState,
 )
-from monitor.engine.compiler import ARROW, DECL, JOIN, OWN, CompiledRule, RulePlan, compile_policy
+from monitor.engine.compiler import ARROW, DECL, JOIN, OWN, CompiledRule, Cond, RulePlan, compile_policy
 from monitor.engine.conditions import (
     FALSE,
     OTHER,
@@ -78,15 +78,15 @@ from monitor.engine.conditions import (
     EventIndex,
     ToolOutput,
     call_record,
-    link_outputs,
-    rebuild_call,
     evaluate,
     evaluate_fast,
     evaluate_value,
+    link_outputs,
     object_place,
     parse_batch,
     parse_flat,
     prepared_events,
+    rebuild_call,
 )
 from monitor.engine.isolation import IsolatedPool
 from monitor.engine.support import DEFAULT_MAX_HISTORY, LoopPool, error_kwargs, error_message, error_to_match, within
@@ -109,14 +109,14 @@ class _Cand:
         self.new = new
 
 
-def _failed_record(pos: int, el: Element, rg: list) -> dict[str, Any]:
+def _failed_record(pos: int, el: Element, rg: list[Any]) -> dict[str, Any]:
     """The record of an element whose own condition at ``pos`` is false."""
     return {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": rg, "st": pos, "k": FALSE}
 
 
 def _record_of(rec: dict[str, Any] | int, el: Element) -> dict[str, Any]:
     """A failed element's record, made from its failing position if that is all it kept."""
-    return _failed_record(rec, el, []) if type(rec) is int else rec
+    return _failed_record(rec, el, []) if isinstance(rec, int) else rec
 
 
 def _record_outcome(rec: dict[str, Any], cond: Any, out: Any) -> bool:
@@ -154,7 +154,7 @@ def _bounded_vars(rule: CompiledRule) -> set[int]:
             if keep is None and v not in targets | direct | joined | rule.needs_object}
 
 
-def _dominated_dropped(kept: list[dict], recs: list[dict], plain_cap: int) -> list[dict]:
+def _dominated_dropped(kept: list[dict[str, Any]], recs: list[dict[str, Any]], plain_cap: int) -> list[dict[str, Any]]:
     """``recs`` (new records of a bounded variable, in flow order) without those that come after
     ``plain_cap`` plain candidates (kept ones included): a plain candidate passed every own
     condition. Witnesses and candidates whose own condition raised are always kept."""
@@ -195,7 +195,7 @@ class IncrementalEngine(Engine):
         self._own = {r.index: [r.own_conds(v) for v in range(len(r.vars))] for r in self.compiled}
         # per rule: the variables whose candidates past the first caps.rule + 1 can be dropped
         self._bounded = {r.index: _bounded_vars(r) for r in self.compiled}
-        self._sub = None
+        self._sub: Any = None  # invariant-ai's LocalPolicy for the fallback rules
         self._thread = None
         self.pool = pool
         if self.fallback and pool is not None:
@@ -272,9 +272,9 @@ class IncrementalEngine(Engine):
         raw_prepared = prepared if self._needs_raw else None
 
         # what the log holds, by rule and variable (candidates) and raw events for fallback rules
-        old: dict[tuple[int, int], list[dict]] = {}
-        raw_entries: list[tuple[int, dict]] = []
-        past_calls: dict[str, dict] = {}
+        old: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        raw_entries: list[tuple[int, dict[str, Any]]] = []
+        past_calls: dict[str, dict[str, Any]] = {}
         for pos, entry in enumerate(log):
             t = entry.get("t")
             if t == "c":
@@ -283,13 +283,13 @@ class IncrementalEngine(Engine):
                 raw_entries.append((pos, entry))
             elif t == "k":
                 past_calls[entry["id"]] = entry  # the latest call with an id wins, as in invariant
-        links: dict[int, dict] = {}
+        links: dict[int, dict[str, Any]] = {}
         if self._links:
             links = link_outputs(parsed, prepared, past_calls, index)
 
         matches: list[Match] = []
-        appended: list[dict] = []
-        new_tail: dict[str, dict[str, list]] = {}
+        appended: list[dict[str, Any]] = []
+        new_tail: dict[str, dict[str, list[dict[str, Any]]]] = {}
         objects: dict[int, Any] = {}  # kept events re-read this check, one object per trace index
 
         caps, end = self.caps, length + len(pending)
@@ -323,9 +323,9 @@ class IncrementalEngine(Engine):
             # tool calls a later output may name (its conditions see the linked call)
             for el in elements:
                 if el.kind == "ToolCall":
-                    rec = call_record(prepared[el.raw_pos], el.trace_idx, el.call_idx)
-                    if rec is not None:
-                        appended.append({"t": "k", **rec})
+                    call = call_record(prepared[el.raw_pos], el.trace_idx, el.call_idx)
+                    if call is not None:
+                        appended.append({"t": "k", **call})
         log_start = state.log_start + (len(state.log) - len(log))
         if self.fallback:
             if not _rebuild:  # (a rebuild reports no match: the fallback rules have nothing to add)
@@ -382,7 +382,7 @@ class IncrementalEngine(Engine):
     def _fresh_head(self) -> dict[str, Any]:
         return {"v": STATE_VERSION, "p": self._tag, "flat": 0, "lc": None, "tail": {}}
 
-    def _own_record_fast(self, conds: list, decl: Any, el: Element,
+    def _own_record_fast(self, conds: list[Cond], decl: Any, el: Element,
                          index: EventIndex) -> dict[str, Any] | int | None:
         """The own part of :meth:`_own_record` when plain Python decides every condition (no
         coroutine): :func:`evaluate_fast` and :func:`_record_outcome` folded into one loop, as
@@ -390,7 +390,7 @@ class IncrementalEngine(Engine):
         position of the failing condition when that is all the record would hold (the
         commonest outcome by far: see :func:`_failed_record`)."""
         store = {decl: el.obj}
-        rg: list | None = None
+        rg: list[Any] | None = None
         other = False
         for cond in conds:
             fast = cond.fast
@@ -412,7 +412,7 @@ class IncrementalEngine(Engine):
                 other = True
             if spans:
                 rg, k = rg or [], 0
-                places: dict[int, list] = {}
+                places: dict[int, list[Any]] = {}
                 for obj, start, end in spans:
                     if len(rg) >= MAX_ADDRESSES:  # what a violation lists; the state keeps no more
                         break
@@ -428,7 +428,7 @@ class IncrementalEngine(Engine):
         return rec
 
     async def _own_record(self, rule: CompiledRule, v: int, el: Element, index: EventIndex,
-                          raw: list[dict] | None) -> dict[str, Any]:
+                          raw: list[dict[str, Any]] | None) -> dict[str, Any]:
         """Evaluate variable ``v``'s own conditions on ``el``, in body order, once."""
         rec: dict[str, Any] = {"i": el.trace_idx, "j": el.call_idx, "f": el.flat, "rg": []}
         store = {rule.vars[v].decl: el.obj}
@@ -442,7 +442,7 @@ class IncrementalEngine(Engine):
 
     @staticmethod
     def _finish_record(rule: CompiledRule, v: int, el: Element, rec: dict[str, Any],
-                       raw: list[dict] | None) -> dict[str, Any]:
+                       raw: list[dict[str, Any]] | None) -> dict[str, Any]:
         if rec.get("k") != FALSE:
             i, order, p = object_place(el)
             rec["rg"].append([i, order, len(rule.conds) + v, 0, p])
@@ -451,10 +451,10 @@ class IncrementalEngine(Engine):
         return rec
 
     async def _match_rule(self, rule: CompiledRule, by_kind: dict[str, list[Element]],
-                          raw: list[dict] | None, old: dict, head: dict, index: EventIndex,
-                          objects: dict, links: dict[int, dict], budget: Deadline, room: int,
+                          raw: list[dict[str, Any]] | None, old: dict[tuple[int, int], list[dict[str, Any]]], head: dict[str, Any], index: EventIndex,
+                          objects: dict[int, Any], links: dict[int, dict[str, Any]], budget: Deadline, room: int,
                           rebuild: bool = False
-                          ) -> tuple[list[Match], list[list[dict]], list[list[dict]], bool]:
+                          ) -> tuple[list[Match], list[list[dict[str, Any]]], list[list[dict[str, Any]]], bool]:
         """The rule's matches binding a pending element (at most ``room``; the last value says
         whether there were more), and the candidate records and witnesses the state keeps (only
         those when ``rebuild``: the past's matches were answered already)."""
@@ -463,7 +463,7 @@ class IncrementalEngine(Engine):
         # (record, element) of elements failing an own condition: nearly all of them, and
         # needed as candidates only when a condition raises, so no _Cand is made up front (and
         # for most, only the failing position instead of a record: _failed_record makes it)
-        failed: list[list[tuple[dict | int, Element]]] = [[] for _ in range(nvars)]
+        failed: list[list[tuple[dict[str, Any] | int, Element]]] = [[] for _ in range(nvars)]
         own = self._own[rule.index]
         for v, var in enumerate(rule.vars):
             conds, decl, new_v, failed_v = own[v], var.decl, new[v], failed[v]
@@ -473,7 +473,7 @@ class IncrementalEngine(Engine):
                 rec = self._own_record_fast(conds, decl, el, index)
                 if rec is None:
                     rec = await self._own_record(rule, v, el, index, raw)
-                elif type(rec) is int:
+                elif isinstance(rec, int):
                     if not with_object:
                         failed_v.append((rec, el))  # its record is made if it is ever kept
                         continue
@@ -489,7 +489,7 @@ class IncrementalEngine(Engine):
         # kept records: live candidates, and "witnesses" (events that failed an own condition,
         # the earliest per failing position, and those in a ~> tail), which only matter when an
         # own condition raises: invariant then aborts if any assignment reaches the error first
-        kept: list[list[dict]] = []
+        kept: list[list[dict[str, Any]]] = []
         for v, keep in enumerate(rule.keep):
             if keep is None:
                 kept.append(old.get((rule.index, v), []))
@@ -498,12 +498,12 @@ class IncrementalEngine(Engine):
             else:
                 kept.append([])
         new_recs = [[c.rec for c in new[v]] for v in range(nvars)]
-        new_witnesses: list[list[dict]] = [[] for _ in range(nvars)]
+        new_witnesses: list[list[dict[str, Any]]] = [[] for _ in range(nvars)]
         for v, keep in enumerate(rule.keep):
             if keep is None:
                 seen = {r["st"] for r in kept[v] if r.get("k") == FALSE}
                 for rec, el in failed[v]:
-                    st = rec if type(rec) is int else rec["st"]
+                    st = rec if isinstance(rec, int) else rec["st"]
                     if st not in seen:
                         seen.add(st)
                         new_witnesses[v].append(_record_of(rec, el))
@@ -548,11 +548,12 @@ class IncrementalEngine(Engine):
         for v in range(nvars - 1, -1, -1):
             new_from[v] = new_from[v + 1] or bool(domains_new[v])
 
-        async def visit(v: int, assign: list, any_new: bool) -> None:
+        async def visit(v: int, assign: list[_Cand | None], any_new: bool) -> None:
             budget.check()
             if v == nvars:
                 if any_new:
-                    m = await self._walk(rule, assign, objects, index)
+                    # (every variable is bound here)
+                    m = await self._walk(rule, cast(list[_Cand], assign), objects, index)
                     if m is not None:
                         matches.append(m)
                         if len(matches) > room:
@@ -574,7 +575,7 @@ class IncrementalEngine(Engine):
             return matches[:room], new_recs, new_witnesses, True
         return matches, new_recs, new_witnesses, False
 
-    async def _object(self, rule: CompiledRule, v: int, cand: _Cand, objects: dict,
+    async def _object(self, rule: CompiledRule, v: int, cand: _Cand, objects: dict[int, Any],
                       index: EventIndex) -> Any:
         if cand.el is not None:
             return cand.el.obj
@@ -588,17 +589,17 @@ class IncrementalEngine(Engine):
             index.add(parsed[0], rec["i"])
             if "kc" in rec and type(parsed[0]) is ToolOutput:
                 call = rebuild_call(rec["kc"])
-                parsed[0]._tool_call = call
+                parsed[0]._tool_call = call  # noqa: SLF001 - invariant-ai's link from an output to its call
                 index.add(call, rec["kc"]["i"], rec["kc"]["j"])
         event = objects[rec["i"]]
         return event if rec["j"] < 0 else event.tool_calls[rec["j"]]
 
-    async def _walk(self, rule: CompiledRule, assign: list[_Cand], objects: dict,
+    async def _walk(self, rule: CompiledRule, assign: list[_Cand], objects: dict[int, Any],
                     index: EventIndex) -> Match | None:
         """invariant's short-circuited body for one assignment: a Match, None, or EngineError."""
         other = False
-        extra: list[list] = []
-        leaks: list[list] = [lk for a in assign for lk in a.rec.get("lk", ())]
+        extra: list[list[Any]] = []
+        leaks: list[list[Any]] = [lk for a in assign for lk in a.rec.get("lk", ())]
         for c in rule.conds:
             if c.kind == DECL:
                 continue
@@ -630,11 +631,11 @@ class IncrementalEngine(Engine):
         ranges = [r for a in assign for r in a.rec["rg"]] + extra
         # names left in the store join the assignment after the variables, in evaluation order
         # (first write fixes the place, the last one the value), as in invariant's input_dict
-        merged: dict[str, list] = {}
-        for pos, n, name, part, places in sorted(leaks, key=lambda lk: (lk[0], lk[1])):
+        merged: dict[str, list[Any]] = {}
+        for _pos, _n, name, part, places in sorted(leaks, key=lambda lk: (lk[0], lk[1])):
             merged[name] = [part, places] if name not in merged else [part, places]
         base = len(rule.conds) + len(rule.vars)
-        for order, (name, (part, places)) in enumerate(merged.items()):
+        for order, (_name, (_part, places)) in enumerate(merged.items()):
             ranges.extend([i, o, base + order, 0, p] for i, o, p in places)
         ranges.sort(key=lambda r: (r[0], r[1], r[2], r[3]))
         del ranges[MAX_ADDRESSES:]
@@ -642,7 +643,8 @@ class IncrementalEngine(Engine):
         parts += [(name, part) for name, (part, _) in merged.items()]
         parts.sort(key=lambda x: x[0])
         key = str((rule.index, tuple(p for _, p in parts)))
-        message, kwargs = rule.message, {}
+        message: str | None = rule.message
+        kwargs: dict[str, Any] = {}
         if message is None:
             store = {rule.vars[v].decl: await self._object(rule, v, a, objects, index)
                      for v, a in enumerate(assign)}
@@ -652,7 +654,7 @@ class IncrementalEngine(Engine):
         return Match(rule_index=rule.index, message=message, key=key,
                      addresses=["messages." + r[4] for r in ranges], kwargs=kwargs)
 
-    async def _raise_value(self, rule: CompiledRule, store: dict) -> tuple[str | None, dict]:
+    async def _raise_value(self, rule: CompiledRule, store: dict[Any, Any]) -> tuple[str | None, dict[str, Any]]:
         from invariant.analyzer.stdlib.invariant.errors import ErrorInformation
 
         try:
@@ -665,14 +667,14 @@ class IncrementalEngine(Engine):
             return None, {}
         return str(exc), {}
 
-    async def _run_fallback(self, raw_entries: list[tuple[int, dict]], length: int,
-                            pending: list[dict], deadline: float | None = None) -> list[Match]:
+    async def _run_fallback(self, raw_entries: list[tuple[int, dict[str, Any]]], length: int,
+                            pending: list[dict[str, Any]], deadline: float | None = None) -> list[Match]:
         window = sorted((e for _, e in raw_entries if e["i"] >= length - self.max_history),
                         key=lambda e: e["i"])
         offset = window[0]["i"] if window else length
         past = [e["e"] for e in window]
 
-        async def run():
+        async def run() -> Any:
             return await self._sub.a_analyze_pending(past, pending)
 
         if self.pool is not None:

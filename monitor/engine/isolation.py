@@ -111,7 +111,7 @@ def _preload() -> None:
         _confine(preload["allowed_imports"])
         for spec in preload["specs"]:
             _load((spec[0], spec[1], spec[2], tuple(spec[3]), None if spec[4] is None else tuple(spec[4])))
-    except Exception:  # noqa: BLE001 - a child loads what is missing itself, and reports it
+    except Exception:  # noqa: BLE001, S110 - a child loads what is missing itself, and reports it
         pass
 
 
@@ -275,7 +275,7 @@ class IsolatedPool:
             try:
                 slot.process.kill()
                 slot.process.join(5)
-            except Exception:  # noqa: BLE001 - it is gone either way
+            except Exception:  # noqa: BLE001, S110 - it is gone either way
                 pass
             slot.conn.close()
             if self._closed:
@@ -301,7 +301,12 @@ class IsolatedPool:
         try:
             slot.conn.send(("check", spec, past, pending))
             answered = loop.create_future()
-            loop.add_reader(fd, lambda: answered.done() or answered.set_result(None))
+
+            def wake() -> None:
+                if not answered.done():
+                    answered.set_result(None)
+
+            loop.add_reader(fd, wake)
             try:
                 left = None if deadline is None else max(0.0, deadline - time.perf_counter())
                 await asyncio.wait_for(answered, left)
@@ -338,6 +343,6 @@ class IsolatedPool:
                 slot.conn.close()
                 slot.process.kill()
                 slot.process.join(5)
-            except Exception:  # noqa: BLE001 - closing anyway
+            except Exception:  # noqa: BLE001, S110 - closing anyway
                 pass
         self.slots = []

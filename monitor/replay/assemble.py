@@ -120,7 +120,9 @@ def policy_ref(path: str, ps: PolicySet) -> PolicyRef:
     for f in policy_files(path):
         data = f.read_bytes()
         files.append(InputFile(path=str(f), sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)))
-    return PolicyRef(path=path, policy_id=ps.default.policy_id, sha256=ps.default.sha256, files=files)
+    default = ps.default
+    assert default is not None  # noqa: S101 - a policy path always loads with its default (load_policy_set)
+    return PolicyRef(path=path, policy_id=default.policy_id, sha256=default.sha256, files=files)
 
 
 def write_atomically(path: str, write: Callable[[IO[str]], Any]) -> None:

@@ -95,8 +95,8 @@ class ReplayEvaluator:
 
     def _replayed(self, out: Outcome, source: str, seq: int | None, events: int) -> ReplayedBatch:
         verdict, omitted = out.verdict, out.omitted
-        alerted = out.alerted() if omitted or out.cut else verdict.violations
         assert verdict is not None  # noqa: S101 - the core decides every batch it is given
+        alerted = out.alerted() if omitted or out.cut else verdict.violations
         # the trace index of the batch's first event: what this policy's past of the session holds
         # (counted here rather than re-reading the session head: same number, less work)
         key = (verdict.session_id, verdict.policy_id)

@@ -1,5 +1,5 @@
 """docker-compose.yml's stack in real containers (``make test-containers``; not part of ``make test``:
-tests/conftest.py collects this folder only when it is named, as ``pytest tests/containers``).
+tests/deploy/conftest.py collects this folder only when it is named, as ``pytest tests/containers``).
 
 The plan comes from the compose file itself with the local override (deploy/local/stack.py): the
 Kafka image built here, ``agent-monitor topics create`` from the worker image, two worker replicas
@@ -226,7 +226,7 @@ def played(stack: Stack, plan: StackPlan) -> Played:
     problems, verdicts, denies = [], [], 0
     with MonitorClient(HOST_BOOTSTRAP, prefix=prefix, connect_timeout=30) as client:
         for sample in samples:
-            for batch, want in zip(sample.event_batches(f"{sample.session_id}-{run}"), sample.expect):
+            for batch, want in zip(sample.event_batches(f"{sample.session_id}-{run}"), sample.expect, strict=True):
                 verdict = client.check_batch(batch, timeout=60)
                 verdicts.append(verdict)
                 denies += verdict.decision == "deny"
