@@ -291,6 +291,35 @@ def test_a_pool_check_past_its_deadline_raises_budget_exceeded():
         pool.close()
 
 
+
+def test_a_policy_registered_after_the_pool_started_is_loaded_before_its_first_check():
+    """A new policy version (hot reload) is parsed by the idle children between batches, so its
+    first check does not spend its budget loading it; the children keep the sandbox's allowances."""
+    from monitor import sandbox
+    from monitor.engine.isolation import IsolatedPool
+
+    sandbox.set_allowed_imports(["math"])  # the worker's --allow-import math
+    first = load_policy_text('raise "a" if:\n    (m: Message)\n    "a" in m.content\n', "p")
+    pool = IsolatedPool(1, allowed_imports=sandbox.allowed_imports())
+    pool.register(first)
+    pool.start()
+    try:
+        assert asyncio.run(pool.analyze(first, None, [], [USER_SEND], time.perf_counter() + 30)) == []
+        second = load_policy_text('from math import floor\nraise "s" if:\n    (m: Message)\n'
+                                  '    floor(len(m.content)) == 4\n', "p")
+        pool.register(second)
+        [slot] = pool.slots
+        assert not slot.ready  # loading it now, between batches
+        deadline = time.perf_counter() + 30
+        while not slot.conn.poll(0.05):
+            assert time.perf_counter() < deadline
+        errors = asyncio.run(pool.analyze(second, None, [], [USER_SEND], time.perf_counter() + 30))
+        assert [e.args for e in errors] == [["s"]]
+        assert pool.kills == 0
+    finally:
+        pool.close()
+        sandbox.set_allowed_imports([])
+
 # -- 4. huge integers -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", ["seq", "metadata", "event"])
