@@ -25,6 +25,7 @@ Example (needs a broker; the bare forwarder of ``make bench-live``)::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import sys
@@ -46,6 +47,15 @@ GUARANTEES: tuple[str, ...] = ("at-least-once", "exactly-once")
 class RuntimeFailure(MonitorError):
     """The runtime cannot go on safely (a record could not be delivered, the producer was fenced);
     the process should exit and be restarted: it resumes from the last commit."""
+
+
+class TransactionStuck(MonitorError):
+    """A transactional call of librdkafka's did not return within its bound (see
+    :meth:`Runtime._bounded`)."""
+
+
+# what a transactional call may take beyond the timeout it is given before it counts as stuck
+STUCK_GRACE_S = 5.0
 
 
 @dataclass
@@ -157,6 +167,7 @@ class Runtime:
         self._dirty = False
         self._failed = False
         self._replaced: list[float] = []  # when the transactional producer was replaced
+        self._txn_calls: concurrent.futures.ThreadPoolExecutor | None = None
         self._last_commit = time.monotonic()
         self.consumer: Any = None
         self.producer: Any = None
@@ -313,6 +324,8 @@ class Runtime:
             finally:
                 if not c.exactly_once:
                     self.producer.flush(30)
+                if self._txn_calls is not None:
+                    self._txn_calls.shutdown(wait=False)
                 loop.close()
 
     def _records(self, msgs: list[Any]) -> list[Any]:
@@ -404,8 +417,12 @@ class Runtime:
             try:
                 # short: a group in the middle of a rebalance refuses it until this consumer
                 # polls again, so waiting longer would only hold the rebalance up
-                self.producer.send_offsets_to_transaction(
-                    offsets, self.consumer.consumer_group_metadata(), 5)
+                group = self.consumer.consumer_group_metadata()
+                self._bounded("send_offsets_to_transaction",
+                              lambda: self.producer.send_offsets_to_transaction(offsets, group, 5), 5)
+            except TransactionStuck as exc:
+                self._stuck(exc)
+                return
             except KafkaException as exc:
                 # nothing is committed yet: abort, rewind, and let the rebalance go on
                 log.warning("offsets refused (%s): transaction aborted, partitions rewound",
@@ -414,8 +431,11 @@ class Runtime:
                 return
         for attempt in range(1, 6):
             try:
-                self.producer.commit_transaction(30)
+                self._bounded("commit_transaction", lambda: self.producer.commit_transaction(30), 30)
                 break
+            except TransactionStuck as exc:
+                self._stuck(exc)
+                return
             except KafkaException as exc:
                 err = exc.args[0]
                 if err.txn_requires_abort():
@@ -476,6 +496,30 @@ class Runtime:
         self._txn_open = False
         self._txn_start = {}
         self._dirty = False
+
+    def _bounded(self, what: str, call: Callable[[], Any], timeout_s: float) -> Any:
+        """``call()`` (a transactional call given ``timeout_s``), raising :class:`TransactionStuck`
+        if it has not returned ``STUCK_GRACE_S`` after that. librdkafka does not always keep its
+        own timeout there: after a broker restart, send_offsets_to_transaction waited about five
+        minutes for a group coordinator it had cached from before the restart (measured in the
+        short chaos run, which took 387 s instead of 35), and every verdict of the worker waited
+        with it. The call runs on a thread of its own so that a stuck one can be left behind."""
+        if self._txn_calls is None:
+            self._txn_calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="txn-call")
+        future = self._txn_calls.submit(call)
+        try:
+            return future.result(timeout_s + STUCK_GRACE_S)
+        except concurrent.futures.TimeoutError:
+            self._txn_calls.shutdown(wait=False)  # its thread stays blocked in librdkafka
+            self._txn_calls = None
+            raise TransactionStuck(f"{what} did not return within {timeout_s + STUCK_GRACE_S:g} s") from None
+
+    def _stuck(self, exc: TransactionStuck) -> None:
+        """A transactional call is stuck: a new producer with the same transactional id fences the
+        old one (the broker aborts its open transaction), and memory and positions go back to the
+        last commit, as for an abort."""
+        self._replace_producer(str(exc))
+        self._abort(begun=False)
 
     def _replace_producer(self, why: str) -> None:
         now = time.monotonic()
