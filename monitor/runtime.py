@@ -168,6 +168,9 @@ class Runtime:
         self._failed = False
         self._replaced: list[float] = []  # when the transactional producer was replaced
         self._txn_calls: concurrent.futures.ThreadPoolExecutor | None = None
+        # why the open transaction can take no more records (it is aborted and its records
+        # processed again); None while it can
+        self._doomed: str | None = None
         self._last_commit = time.monotonic()
         self.consumer: Any = None
         self.producer: Any = None
@@ -254,7 +257,11 @@ class Runtime:
     def produce(self, topic: str, key: bytes | None, value: bytes | None,
                 partition: int | None = None) -> None:
         """Send one output record (inside the open transaction under exactly-once)."""
+        from confluent_kafka import KafkaException
+
         self._dirty = True
+        if self._doomed:
+            return  # the transaction is aborted at the end of this micro-batch: nothing it held counts
         while True:
             try:
                 if partition is None:
@@ -264,6 +271,16 @@ class Runtime:
                 return
             except BufferError:  # the local queue is full: let deliveries drain it
                 self.producer.poll(0.05)
+            except KafkaException as exc:
+                if not self.config.exactly_once:
+                    raise
+                # the transaction went into an error state (a broker restart or a rebalance under
+                # way, seen as "Erroneous state"): abort it and process its records again, rather
+                # than fail the record (its verdict would be lost) or stop the worker
+                self._doomed = exc.args[0].str()
+                log.warning("the transaction can take no more records (%s): it will be aborted and "
+                            "its records processed again", self._doomed)
+                return
 
     def _send_changelog(self, key: str, partition: int, value: bytes | None) -> None:
         assert self.config.changelog_topic  # noqa: S101 - registered only with a changelog topic
@@ -302,12 +319,16 @@ class Runtime:
                         self._begin()
                         loop.run_until_complete(self.processor.process(records, self))
                         self._advance(records)
+                        if self._doomed:
+                            self._abort()
                 self.producer.poll(0)
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + c.tick_interval_s
                     self._begin()
                     self.processor.tick(self, now)
+                    if self._doomed:
+                        self._abort()
                 if self._dirty and now >= next_commit:
                     # put off while outputs are in flight: look again in a millisecond
                     next_commit = time.monotonic() + (interval if self._commit() else 0.001)
@@ -412,6 +433,9 @@ class Runtime:
         if not self._txn_open:
             self._dirty = False
             return
+        if self._doomed:
+            self._abort()
+            return
         offsets = self._offsets()
         if offsets:
             try:
@@ -484,6 +508,7 @@ class Runtime:
                 log.warning("transaction abort not done yet, retrying: %s", err.str())
         if self.table is not None:
             self.table.rollback()
+        self._doomed = None
         self.aborts += 1
         topic = self.config.input_topic
         for p, off in self._txn_start.items():

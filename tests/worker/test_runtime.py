@@ -44,3 +44,42 @@ def test_a_stuck_call_replaces_the_producer_and_rewinds(monkeypatch):
     monkeypatch.setattr(rt, "_abort", lambda begun=True: calls.append(f"abort begun={begun}"))
     rt._stuck(TransactionStuck("commit_transaction did not return within 35 s"))
     assert calls == ["replace: commit_transaction did not return within 35 s", "abort begun=False"]
+
+
+class _Producer:
+    """A transactional producer in the state librdkafka reports as "Erroneous state"."""
+
+    def __init__(self) -> None:
+        self.produced = 0
+        self.aborted = 0
+
+    def produce(self, *args: object) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        self.produced += 1
+        raise KafkaException(KafkaError(KafkaError._STATE, "Unable to produce message: Local: Erroneous state"))
+
+    def abort_transaction(self, timeout: float) -> None:
+        self.aborted += 1
+
+
+def test_a_transaction_in_an_error_state_is_aborted_and_its_records_done_again():
+    rt = _runtime()
+    rt.producer = _Producer()
+    rt._txn_open, rt._txn_start, rt.assignment = True, {3: 10}, []
+    rt.positions = {3: 14}  # four records processed in the transaction
+    rt.produce("verdicts", b"s", b"{}")  # no exception: the record is not failed, the transaction is
+    rt.produce("alerts", b"s", b"{}")
+    assert rt.producer.produced == 1 and rt._doomed and "Erroneous state" in rt._doomed
+    rt._commit_transaction()  # never commits a doomed transaction
+    assert rt.producer.aborted == 1 and rt._doomed is None and not rt._txn_open
+    assert rt.positions == {3: 10}  # its records are processed again
+
+
+def test_at_least_once_produce_errors_still_raise():
+    from confluent_kafka import KafkaException
+
+    rt = Runtime(RuntimeConfig(bootstrap_servers="127.0.0.1:1", group_id="g", input_topic="t"), Forwarder("out"))
+    rt.producer = _Producer()
+    with pytest.raises(KafkaException):
+        rt.produce("verdicts", b"s", b"{}")
