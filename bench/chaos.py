@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["command"] = "make chaos" if not argv else "bench/chaos.py " + " ".join(argv)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     bad = [g for g, r in results.items() if r["missing"] or r["conflicting"] or r["wrong_decisions"]
-           or r["live_vs_replay_diffs"] or (g == "exactly-once" and r["duplicates"])]
+           or r["live_vs_replay_diffs"] or r["worker_exits"] or (g == "exactly-once" and r["duplicates"])]
     print(f"wrote {args.out}" + (f"; FAILED: {', '.join(bad)}" if bad else "; all zeros"))
     return 1 if bad else 0
 
