@@ -229,10 +229,17 @@ def _resolve(fut: Future[Verdict], outcome: Verdict | BaseException) -> None:
         pass
 
 
-class _VerdictListener:
+class VerdictListener:
     """A background consumer of the verdicts topic that resolves futures keyed by
     ``(session_id, batch_id)``. It is positioned at the end of every partition before it returns
-    from :meth:`start`, so a verdict published after that is never missed."""
+    from :meth:`start`, so a verdict published after that is never missed.
+
+    Subclasses may start earlier (:meth:`_start_offsets`), watch idle polls (:meth:`_idle`) and
+    handle each verdict their own way (:meth:`_on_verdict`); the HTTP API's
+    :class:`monitor.api.sessions.VerdictFeed` does."""
+
+    group_prefix = "agent-monitor-client"
+    thread_name = "agent-monitor-verdicts"
 
     def __init__(self, bootstrap: str, topics: TopicNames, config: Mapping[str, Any],
                  connect_timeout: float) -> None:
@@ -245,6 +252,8 @@ class _VerdictListener:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._consumer: Any = None
+        self._ends: dict[int, int] = {}  # each partition's end when the listener started
+        self.positions: dict[int, int] = {}  # the offset last read, per partition
         self.received = 0
         self.invalid = 0
 
@@ -254,7 +263,7 @@ class _VerdictListener:
         consumer = Consumer({
             "bootstrap.servers": self.bootstrap,
             # manual assignment, never committed: the group id only satisfies librdkafka
-            "group.id": f"agent-monitor-client-{uuid.uuid4().hex}",
+            "group.id": f"{self.group_prefix}-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "auto.offset.reset": "latest",
             # a worker under exactly-once publishes in transactions: only committed verdicts count
@@ -268,14 +277,19 @@ class _VerdictListener:
             parts = _partitions(consumer, topic, self.topics.prefix, self.connect_timeout, self.bootstrap)
             # explicit offsets (the current ends), not OFFSET_END: OFFSET_END is resolved lazily at
             # the first fetch, after which a verdict produced in between would be skipped
-            ends = _end_offsets(consumer, topic, parts, self.connect_timeout)
-            consumer.assign([TopicPartition(topic, p, ends[p]) for p in parts])
+            self._ends = _end_offsets(consumer, topic, parts, self.connect_timeout)
+            starts = self._start_offsets(consumer, topic, self._ends)
+            consumer.assign([TopicPartition(topic, p, starts[p]) for p in parts])
         except BaseException:
             consumer.close()
             raise
         self._consumer = consumer
-        self._thread = threading.Thread(target=self._run, name="agent-monitor-verdicts", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
+
+    def _start_offsets(self, consumer: Any, topic: str, ends: dict[int, int]) -> dict[int, int]:
+        """Where each partition is read from: its end as of :meth:`start`."""
+        return ends
 
     def expect(self, session_id: str, batch_id: str) -> Future[Verdict]:
         fut: Future[Verdict] = Future()
@@ -295,27 +309,35 @@ class _VerdictListener:
         while not self._stop.is_set():
             try:
                 msg = self._consumer.poll(0.2)
-            except Exception:
+            except Exception:  # noqa: BLE001 - keep listening; librdkafka reconnects by itself
                 log.exception("verdict consumer poll failed")
                 time.sleep(0.5)
                 continue
             if msg is None:
+                self._idle()
                 continue
             if msg.error():
                 log.debug("verdict consumer: %s", msg.error())
                 continue
+            self.positions[msg.partition()] = msg.offset()
             try:
                 verdict = Verdict.model_validate_json(msg.value())
-            except (ValidationError, ValueError):
+            except (ValidationError, ValueError, TypeError):
                 self.invalid += 1
                 log.warning("skipping a record on %s that is not a Verdict (partition %s offset %s)",
                             msg.topic(), msg.partition(), msg.offset())
                 continue
             self.received += 1
-            with self._lock:
-                waiting = self._waiters.pop((verdict.session_id, verdict.batch_id), [])
-            for fut in waiting:
-                _resolve(fut, verdict)
+            self._on_verdict(verdict)
+
+    def _idle(self) -> None:
+        """A poll found nothing new."""
+
+    def _on_verdict(self, verdict: Verdict) -> None:
+        with self._lock:
+            waiting = self._waiters.pop((verdict.session_id, verdict.batch_id), [])
+        for fut in waiting:
+            _resolve(fut, verdict)
 
     def close(self) -> None:
         self._stop.set()
@@ -359,7 +381,7 @@ class MonitorClient:
         self._producer_extra = dict(producer_config or {})
         self._consumer_extra = dict(consumer_config or {})
         self._producer: Any = None
-        self._listener: _VerdictListener | None = None
+        self._listener: VerdictListener | None = None
         self._lock = threading.Lock()
         self._closed = False
         self.last_partition: int | None = None
@@ -384,13 +406,13 @@ class MonitorClient:
         return {k: v for k, v in self._producer_extra.items()
                 if k.startswith(("security.", "sasl.", "ssl."))}
 
-    def _get_listener(self) -> _VerdictListener:
+    def _get_listener(self) -> VerdictListener:
         with self._lock:
             if self._closed:
                 raise MonitorError("the client is closed")
             if self._listener is None:
                 wait_for_broker(self.bootstrap_servers, self.connect_timeout, self._security())
-                listener = _VerdictListener(self.bootstrap_servers, self.topics, self._consumer_extra,
+                listener = VerdictListener(self.bootstrap_servers, self.topics, self._consumer_extra,
                                             self.connect_timeout)
                 listener.start()
                 self._listener = listener
@@ -662,7 +684,7 @@ class RecordConsumer(Generic[M]):
                                 self.bootstrap_servers)
             if self.from_beginning:
                 consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
-            else:  # the end as of now, resolved before returning (see _VerdictListener)
+            else:  # the end as of now, resolved before returning (see VerdictListener)
                 ends = _end_offsets(consumer, self.topic, parts, self.connect_timeout)
                 consumer.assign([TopicPartition(self.topic, p, ends[p]) for p in parts])
         except BaseException:
@@ -788,6 +810,7 @@ __all__ = [
     "RecordConsumer",
     "TopicMissing",
     "VerdictConsumer",
+    "VerdictListener",
     "VerdictTimeout",
     "producer_config",
     "wait_for_broker",

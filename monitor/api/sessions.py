@@ -21,11 +21,8 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict, deque
 from typing import Any
-
-from pydantic import ValidationError
 
 from monitor.client import (
     BrokerUnreachable,
@@ -33,9 +30,8 @@ from monitor.client import (
     MonitorError,
     PublishError,
     TopicMissing,
+    VerdictListener,
     VerdictTimeout,
-    _end_offsets,
-    _partitions,
     wait_for_broker,
 )
 from monitor.config import TopicNames
@@ -83,118 +79,73 @@ class RecentVerdicts:
         return found[-limit:] if limit else found
 
 
-class VerdictFeed:
-    """A thread consuming ``<prefix>.verdicts`` (every partition, no group): resolves waiters and
-    fills :class:`RecentVerdicts`."""
+class VerdictFeed(VerdictListener):
+    """A thread consuming ``<prefix>.verdicts`` (every partition, no group): the SDK's listener,
+    started ``backfill`` records before each partition's end, that fills :class:`RecentVerdicts`
+    and resolves asyncio waiters."""
+
+    group_prefix = "agent-monitor-api"
+    thread_name = "agent-monitor-api-verdicts"
 
     def __init__(self, bootstrap: str, topics: TopicNames, recent: RecentVerdicts,
                  backfill: int = 1000, connect_timeout: float = 10.0) -> None:
-        self.bootstrap = bootstrap
-        self.topics = topics
+        super().__init__(bootstrap, topics, {}, connect_timeout)
         self.recent = recent
         self.backfill = backfill
-        self.connect_timeout = connect_timeout
-        self._waiters: dict[tuple[str, str], list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._consumer: Any = None
+        self._loop_waiters: dict[tuple[str, str], list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
         self.started_at: float | None = None
         self.caught_up = threading.Event()
 
     def start(self) -> None:
         """Assign every partition at ``end - backfill`` (blocking; run it on a thread)."""
-        from confluent_kafka import Consumer, TopicPartition
-
         wait_for_broker(self.bootstrap, self.connect_timeout)
-        consumer = Consumer({
-            "bootstrap.servers": self.bootstrap,
-            "group.id": f"agent-monitor-api-{uuid.uuid4().hex}",  # never joins: manual assignment
-            "enable.auto.commit": False,
-            "auto.offset.reset": "latest",
-            "fetch.wait.max.ms": 50,
-            "isolation.level": "read_committed",
-        })
-        try:
-            topic = self.topics.verdicts
-            parts = _partitions(consumer, topic, self.topics.prefix, self.connect_timeout, self.bootstrap)
-            ends = _end_offsets(consumer, topic, parts, self.connect_timeout)
-            starts = {}
-            for p in parts:
-                low, _high = consumer.get_watermark_offsets(TopicPartition(topic, p),
-                                                            timeout=self.connect_timeout)
-                starts[p] = max(low, ends[p] - self.backfill)
-            self._ends = ends
-            # explicit offsets: a verdict produced after this returns is never missed
-            consumer.assign([TopicPartition(topic, p, starts[p]) for p in parts])
-        except BaseException:
-            consumer.close()
-            raise
-        self._consumer = consumer
+        super().start()
         self.started_at = time.time()
-        self._thread = threading.Thread(target=self._run, name="agent-monitor-api-verdicts", daemon=True)
-        self._thread.start()
 
-    def expect(self, session_id: str, batch_id: str) -> asyncio.Future:
+    def _start_offsets(self, consumer: Any, topic: str, ends: dict[int, int]) -> dict[int, int]:
+        from confluent_kafka import TopicPartition
+
+        starts = {}
+        for p, end in ends.items():
+            low, _high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=self.connect_timeout)
+            starts[p] = max(low, end - self.backfill)
+        return starts
+
+    def expect(self, session_id: str, batch_id: str) -> asyncio.Future:  # type: ignore[override]
         """A future for the verdict of ``(session_id, batch_id)``; call before publishing."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         with self._lock:
-            self._waiters.setdefault((session_id, batch_id), []).append((loop, fut))
+            self._loop_waiters.setdefault((session_id, batch_id), []).append((loop, fut))
         return fut
 
-    def forget(self, session_id: str, batch_id: str, fut: asyncio.Future) -> None:
+    def forget(self, session_id: str, batch_id: str, fut: asyncio.Future) -> None:  # type: ignore[override]
         with self._lock:
-            waiting = [w for w in self._waiters.get((session_id, batch_id), []) if w[1] is not fut]
+            waiting = [w for w in self._loop_waiters.get((session_id, batch_id), []) if w[1] is not fut]
             if waiting:
-                self._waiters[(session_id, batch_id)] = waiting
+                self._loop_waiters[(session_id, batch_id)] = waiting
             else:
-                self._waiters.pop((session_id, batch_id), None)
+                self._loop_waiters.pop((session_id, batch_id), None)
 
     @staticmethod
-    def _resolve(fut: asyncio.Future, verdict: Verdict) -> None:
+    def _set(fut: asyncio.Future, verdict: Verdict) -> None:
         if not fut.done():
             fut.set_result(verdict)
 
-    def _run(self) -> None:
-        seen: dict[int, int] = {}
-        while not self._stop.is_set():
-            try:
-                msg = self._consumer.poll(0.2)
-            except Exception:  # noqa: BLE001 - keep serving; librdkafka reconnects by itself
-                log.exception("verdict consumer poll failed")
-                time.sleep(0.5)
-                continue
-            if msg is None:
-                if not self.caught_up.is_set() and all(
-                        seen.get(p, -1) + 1 >= end for p, end in self._ends.items()):
-                    self.caught_up.set()
-                continue
-            if msg.error():
-                continue
-            seen[msg.partition()] = msg.offset()
-            try:
-                verdict = Verdict.model_validate_json(msg.value())
-            except (ValidationError, ValueError, TypeError):
-                log.warning("skipping a record on %s that is not a Verdict (partition %s offset %s)",
-                            msg.topic(), msg.partition(), msg.offset())
-                continue
-            self.recent.add(verdict)
-            with self._lock:
-                waiting = self._waiters.pop((verdict.session_id, verdict.batch_id), [])
-            for loop, fut in waiting:
-                try:
-                    loop.call_soon_threadsafe(self._resolve, fut, verdict)
-                except RuntimeError:  # that loop is closed: nobody waits any more
-                    pass
+    def _idle(self) -> None:
+        if not self.caught_up.is_set() and all(
+                self.positions.get(p, -1) + 1 >= end for p, end in self._ends.items()):
+            self.caught_up.set()
 
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
+    def _on_verdict(self, verdict: Verdict) -> None:
+        self.recent.add(verdict)
+        with self._lock:
+            waiting = self._loop_waiters.pop((verdict.session_id, verdict.batch_id), [])
+        for loop, fut in waiting:
+            try:
+                loop.call_soon_threadsafe(self._set, fut, verdict)
+            except RuntimeError:  # that loop is closed: nobody waits any more
+                pass
 
 
 class SessionGateway:
